@@ -1,0 +1,136 @@
+"""The aiohttp application: middlewares (errors, auth, shutdown), routes, start-up and clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from execd import __version__, process
+from execd.api import runs, sessions
+from execd.api.errors import error_response, from_exception, from_http_exception
+from execd.api.keys import REGISTRY, SETTINGS, STARTED_AT
+from execd.config import Settings
+from execd.logging import get_logger
+from execd.registry import Registry, RegistryConfig
+
+log = get_logger("execd.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/healthz", "/ping"})
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return from_http_exception(exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        api_error = from_exception(exc)
+        if api_error is None:
+            log.exception("request_failed", method=request.method, path=request.path)
+            return error_response(500, "INTERNAL", f"internal error: {type(exc).__name__}")
+        return error_response(api_error.status, api_error.code, api_error.message, **api_error.extra)
+
+
+def auth_middleware(token: str | None) -> Middleware:
+    expected = token.encode() if token else b""
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected and request.path not in OPEN_PATHS:
+            given = request.headers.get("X-EXECD-ACCESS-TOKEN")
+            if given is None:
+                scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+                given = value.strip() if scheme.lower() == "bearer" else ""
+            if not hmac.compare_digest(given.encode(), expected):
+                return error_response(401, "UNAUTHORIZED", "a valid access token is required")
+        return await handler(request)
+
+    return check_token
+
+
+@web.middleware
+async def shutdown_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.app[REGISTRY].shutting_down:
+        return error_response(503, "SHUTTING_DOWN", "the daemon is shutting down")
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "sessions": request.app[REGISTRY].live_count(),
+            "uptime_s": round(time.monotonic() - request.app[STARTED_AT], 3),
+        }
+    )
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.Response(text="pong")
+
+
+async def _registry_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    registry = app[REGISTRY]
+    loop = asyncio.get_running_loop()
+    if settings.reap_orphans:
+        process.become_subreaper()
+        loop.add_signal_handler(signal.SIGCHLD, lambda: process.reap_zombie_children(registry.own_pids))
+    registry.start_watchdog()
+    reaper = loop.create_task(registry.reaper_loop())
+    if not settings.access_token:
+        log.warning("authentication_disabled", hint="set EXECD_ACCESS_TOKEN or --access-token")
+    log.info("daemon_started", version=__version__)
+    yield
+    reaper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper
+    await registry.shutdown()
+    registry.stop_watchdog()
+    if settings.reap_orphans:
+        loop.remove_signal_handler(signal.SIGCHLD)
+        process.reap_zombie_children(registry.own_pids)
+
+
+async def _end_sessions_first(app: web.Application) -> None:
+    # aiohttp waits for open streams on shutdown: end the runs first, or a `sleep 3600` holds it up.
+    await app[REGISTRY].shutdown()
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    settings = settings or Settings()
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware(settings.access_token), shutdown_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[STARTED_AT] = time.monotonic()
+    app[REGISTRY] = Registry(
+        RegistryConfig(
+            max_sessions=settings.max_sessions,
+            idle_timeout_s=settings.idle_timeout_s,
+            max_run_timeout_ms=settings.max_run_timeout_ms,
+            interrupt_grace_ms=settings.interrupt_grace_ms,
+            between_runs_bytes=settings.between_runs_bytes,
+        )
+    )
+    app.cleanup_ctx.append(_registry_context)
+    app.on_shutdown.append(_end_sessions_first)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/ping", ping)
+    sessions.add_routes(app.router)
+    runs.add_routes(app.router)
+    return app

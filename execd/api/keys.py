@@ -1,0 +1,10 @@
+"""Typed keys for what the application holds (no module-level state: many daemons per process)."""
+
+from aiohttp import web
+
+from execd.config import Settings
+from execd.registry import Registry
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+STARTED_AT = web.AppKey("started_at", float)

@@ -1,0 +1,84 @@
+"""Routes of runs: start one and stream its events as SSE; interrupt it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from execd.api.keys import REGISTRY, SETTINGS
+from execd.api.validation import interrupt_spec, read_json, run_spec
+from execd.registry import Aborted, ActiveRun, Completed, RunRequest
+from execd.sse import RunStream
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def start_run(request: web.Request) -> web.StreamResponse:
+    registry, settings = request.app[REGISTRY], request.app[SETTINGS]
+    session = registry.get(request.match_info["session_id"])
+    spec = run_spec(await read_json(request, settings.max_body_bytes), session.shell.cwd)
+    run_id = secrets.token_hex(8)
+    active = registry.start_run(session, RunRequest(spec.code, spec.cwd, spec.env, spec.stdin), run_id, spec.timeout_ms)
+    try:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        stream = RunStream(response, run_id, settings.max_output_bytes, settings.sse_ping_s)
+        await stream_events(stream, active, session.id)
+        await response.write_eof()
+        return response
+    finally:
+        # The client went away (or writing failed): Ctrl-C the run and let it end unseen.
+        await active.abandon()
+
+
+async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -> None:
+    started = time.monotonic()
+    await stream.send("init", session_id=session_id, text=active.run_id)
+    stream.start_pings()
+    try:
+        async for event in active.events():
+            if isinstance(event, Completed):
+                await stream.flush_text()
+                await stream.send(
+                    "execution_complete",
+                    exit_code=event.exit_code,
+                    execution_time=int((time.monotonic() - started) * 1000),
+                    interrupted=event.interrupted,
+                    timed_out=event.timed_out,
+                    output_truncated=stream.output_truncated,
+                    cwd=event.cwd,
+                    shell_exited=event.shell_exited,
+                )
+            elif isinstance(event, Aborted):
+                await stream.flush_text()
+                await stream.send(
+                    "error",
+                    code=event.code,
+                    message=event.message,
+                    error={"ename": event.code, "evalue": event.message, "traceback": []},
+                )
+            elif event.between_runs:
+                extra: dict[str, Any] = {"between_runs": True}
+                if event.dropped_bytes:
+                    extra["dropped_bytes"] = event.dropped_bytes
+                await stream.send_output(event.stream, event.data, **extra)
+            else:
+                await stream.send_output(event.stream, event.data)
+    finally:
+        stream.stop_pings()
+
+
+async def interrupt_run(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    session = registry.get(request.match_info["session_id"])
+    spec = interrupt_spec(await read_json(request, request.app[SETTINGS].max_body_bytes))
+    run_id = registry.interrupt(session, spec.signal, spec.run_id)
+    return web.json_response({"run_id": run_id, "signal": spec.signal.name}, status=202)
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/session/{session_id}/run", start_run)
+    router.add_post("/session/{session_id}/interrupt", interrupt_run)

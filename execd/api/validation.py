@@ -1,0 +1,171 @@
+"""Reading and checking request bodies: every problem is a 400 (or 413) that names the field."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from execd.api.errors import InvalidRequest, PayloadTooLarge
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
+
+
+async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is `{}`. Over `max_bytes` is a 413."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"the body ({request.content_length} bytes) is over the limit of {max_bytes} bytes")
+    chunks, size = [], 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+class Fields:
+    """Typed access to a body's fields; unknown fields are refused."""
+
+    def __init__(self, body: Mapping[str, Any], allowed: set[str]) -> None:
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        self.body = body
+
+    def aliased(self, name: str, alias: str) -> Any:
+        if name in self.body and alias in self.body:
+            raise InvalidRequest(f"give either {name!r} or its alias {alias!r}, not both")
+        return self.body.get(name, self.body.get(alias))
+
+    def string(self, name: str, value: Any = None, *, allow_none: bool = True) -> str | None:
+        value = self.body.get(name) if value is None else value
+        if value is None and allow_none:
+            return None
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{name!r} must be a string")
+        if "\0" in value:
+            raise InvalidRequest(f"{name!r} must not contain NUL characters")
+        return value
+
+    def number(self, name: str, value: Any = None, *, integer: bool = False) -> float | None:
+        value = self.body.get(name) if value is None else value
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not _is_integral(value)):
+            raise InvalidRequest(f"{name!r} must be {'an integer' if integer else 'a number'}")
+        if not math.isfinite(value) or value < 0:
+            raise InvalidRequest(f"{name!r} must not be negative")
+        return value
+
+    def string_map(self, name: str, *, env_names: bool = False) -> dict[str, str]:
+        value = self.body.get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{name!r} must be an object of strings")
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise InvalidRequest(f"{name}[{key!r}] must be a string")
+            if "\0" in item or "\0" in key:
+                raise InvalidRequest(f"{name}[{key!r}] must not contain NUL characters")
+            if env_names and not ENV_NAME.match(key):
+                raise InvalidRequest(f"{name}: {key!r} is not a valid variable name")
+        return dict(value)
+
+
+def _is_integral(value: float) -> bool:
+    return isinstance(value, int) or float(value).is_integer()
+
+
+def directory(name: str, path: str | None, base: str) -> str | None:
+    """A directory that must exist; a relative one is taken from `base`, as `cd` would."""
+    if path is None:
+        return None
+    full = os.path.join(base, path)
+    if not os.path.isdir(full):
+        raise InvalidRequest(f"{name!r}: {path!r} is not a directory")
+    return path
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    cwd: str | None
+    env: dict[str, str]
+    idle_timeout_s: float | None
+    labels: dict[str, str]
+
+
+def session_spec(body: Mapping[str, Any]) -> SessionSpec:
+    fields = Fields(body, {"cwd", "env", "idle_timeout_s", "labels"})
+    cwd = fields.string("cwd")
+    if cwd is not None and not os.path.isabs(cwd):
+        raise InvalidRequest(f"'cwd': {cwd!r} must be an absolute path")
+    return SessionSpec(
+        cwd=directory("cwd", cwd, "/"),
+        env=fields.string_map("env", env_names=True),
+        idle_timeout_s=fields.number("idle_timeout_s"),
+        labels=fields.string_map("labels"),
+    )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    code: str
+    timeout_ms: int
+    cwd: str | None
+    env: dict[str, str]
+    stdin: str | None
+
+
+def run_spec(body: Mapping[str, Any], session_cwd: str) -> RunSpec:
+    fields = Fields(body, {"code", "command", "timeout_ms", "timeout", "cwd", "env", "stdin", "on_disconnect"})
+    code = fields.aliased("code", "command")
+    if code is None:
+        raise InvalidRequest("'code' is required")
+    code = fields.string("code", code, allow_none=False)
+    timeout = fields.number("timeout_ms", fields.aliased("timeout_ms", "timeout"), integer=True)
+    stdin = fields.string("stdin")
+    if stdin == "stream":
+        raise InvalidRequest("'stdin': \"stream\" is reserved for interactive stdin, which is not available yet")
+    on_disconnect = fields.string("on_disconnect")
+    if on_disconnect not in (None, "interrupt"):
+        raise InvalidRequest(f"'on_disconnect': {on_disconnect!r} is not supported; use \"interrupt\"")
+    return RunSpec(
+        code=code or "",
+        timeout_ms=int(timeout or 0),
+        cwd=directory("cwd", fields.string("cwd"), session_cwd),
+        env=fields.string_map("env", env_names=True),
+        stdin=stdin,
+    )
+
+
+@dataclass(frozen=True)
+class InterruptSpec:
+    signal: signal.Signals
+    run_id: str | None
+
+
+def interrupt_spec(body: Mapping[str, Any]) -> InterruptSpec:
+    fields = Fields(body, {"signal", "run_id"})
+    name = fields.string("signal") or "SIGINT"
+    if name not in SIGNALS:
+        raise InvalidRequest(f"'signal': {name!r} is not one of {', '.join(SIGNALS)}")
+    return InterruptSpec(signal=SIGNALS[name], run_id=fields.string("run_id"))

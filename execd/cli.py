@@ -1,0 +1,73 @@
+"""`execd serve ...`: parse flags and environment, run the daemon until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from execd import __version__
+from execd.api import create_app
+from execd.api.keys import REGISTRY
+from execd.config import Settings, add_flags, settings_from_args
+from execd.logging import configure, get_logger
+
+log = get_logger("execd.cli")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="execd", description="Persistent bash sessions over HTTP + SSE.")
+    parser.add_argument("--version", action="version", version=f"execd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the daemon")
+    add_flags(serve)
+    return parser.parse_args(argv)
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until a signal; then stop taking work, end runs, close sessions, exit within the grace."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("forced_exit", signal=signal.Signals(signum).name)
+            app[REGISTRY].kill_all_now()
+            os._exit(1)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        app[REGISTRY].shutting_down = True
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    try:
+        await asyncio.wait_for(runner.cleanup(), settings.shutdown_grace_s)
+    except TimeoutError:
+        log.warning("shutdown_grace_expired", grace_s=settings.shutdown_grace_s)
+        app[REGISTRY].kill_all_now()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"execd: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_format, settings.log_level)
+    return asyncio.run(serve(settings))

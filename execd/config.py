@@ -1,0 +1,84 @@
+"""Settings: defaults, overridden by EXECD_* environment variables, overridden by flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 44772
+    access_token: str | None = field(default=None, repr=False)
+    max_sessions: int = 256
+    max_body_bytes: int = 1024 * 1024
+    max_output_bytes: int = 256 * 1024 * 1024
+    idle_timeout_s: float = 0.0
+    max_run_timeout_ms: int = 86_400_000
+    interrupt_grace_ms: int = 2000
+    sse_ping_s: float = 15.0
+    between_runs_bytes: int = 1024 * 1024
+    shutdown_grace_s: float = 5.0
+    log_format: str = "auto"  # auto: console in a terminal, JSON otherwise
+    log_level: str = "info"
+    reap_orphans: bool = True  # be a child subreaper and reap what re-parents to us
+
+    @staticmethod
+    def env_name(name: str) -> str:
+        return "EXECD_" + name.upper()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(cls.env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _field_type(f: dataclasses.Field[object]) -> type:
+    text = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def _parse(f: dataclasses.Field[object], raw: str) -> object:
+    kind = _field_type(f)
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{Settings.env_name(f.name)}: expected a boolean, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{Settings.env_name(f.name)}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting: --max-sessions N is EXECD_MAX_SESSIONS."""
+    for f in dataclasses.fields(Settings):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f"(env {Settings.env_name(f.name)}, default {f.default!r})"
+        if f.name == "access_token":
+            helptext = f"(env {Settings.env_name(f.name)}; none = no authentication)"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=helptext)
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    names: Sequence[str] = [f.name for f in dataclasses.fields(Settings)]
+    return Settings.from_env(environ, **{n: getattr(args, n, None) for n in names})

@@ -1,0 +1,218 @@
+"""Process-tree helpers on psutil and /proc: signal a tree, kill a tree, sweep by tag, usage.
+
+Nothing here knows about sessions or HTTP; callers pass pids and tags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psutil
+
+SESSION_TAG = "EXECD_SESSION_ID"
+_PR_SET_CHILD_SUBREAPER = 36
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process, so escapees stay findable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def is_subreaper() -> bool:
+    if os.getpid() == 1:
+        return True
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        flag = ctypes.c_int(0)
+        return bool(libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
+    except (OSError, AttributeError):
+        return False
+
+
+def boot_ticks_now() -> int:
+    """The clock /proc/PID/stat start times are counted on (ticks since boot)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of `pid` in ticks since boot, exact (psutil's create_time can be ~1 s off)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def ppid_map() -> dict[int, int]:
+    """pid -> parent pid for every process, from one pass over /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        parents[int(entry)] = int(stat[stat.rfind(b")") + 2 :].split(maxsplit=2)[1])
+    return parents
+
+
+def descendants(pid: int, parents: dict[int, int] | None = None) -> list[int]:
+    """Every live descendant of `pid`, parents before their children."""
+    parents = ppid_map() if parents is None else parents
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    stack = list(children.get(pid, ()))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(children.get(child, ()))
+    return found
+
+
+def tag_of(pid: int) -> str | None:
+    """The session tag in a process's environment, if any."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except OSError:
+        return None
+    key = SESSION_TAG.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(key):
+            return entry[len(key) :].decode(errors="replace")
+    return None
+
+
+def pids_tagged(tags: Iterable[str]) -> list[int]:
+    """Every process on the machine whose environment carries one of `tags`."""
+    wanted = set(tags)
+    if not wanted:
+        return []
+    own = os.getpid()
+    found = []
+    for pid in psutil.pids():
+        if pid != own and tag_of(pid) in wanted:
+            found.append(pid)
+    return found
+
+
+def signal_pids(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def session_processes(shell_pid: int, tag: str, parents: dict[int, int] | None = None) -> set[int]:
+    """The shell, its descendants, and every process that left its tree but carries its tag.
+
+    As a child subreaper the daemon adopts escapees (setsid, double fork), so they are found among
+    its own children; without that the whole machine is scanned for the tag.
+    """
+    parents = ppid_map() if parents is None else parents
+    found = {shell_pid, *descendants(shell_pid, parents)}
+    if is_subreaper():
+        own = os.getpid()
+        candidates = [pid for pid, parent in parents.items() if parent == own and pid != shell_pid]
+    else:
+        candidates = list(parents)
+    for pid in candidates:
+        if pid not in found and tag_of(pid) == tag:
+            found.add(pid)
+            found.update(descendants(pid, parents))
+    return found
+
+
+def kill_session_tree(shell_pid: int, tag: str) -> None:
+    """SIGKILL a shell's process group, its descendants that left it, and every tagged escapee."""
+    try:
+        os.killpg(shell_pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    # Something may fork between a listing and the kill: sweep until a pass finds nothing alive.
+    for _ in range(5):
+        victims = [pid for pid in session_processes(shell_pid, tag) if _alive(pid)]
+        if not victims:
+            return
+        signal_pids(victims, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
+
+
+def reap_zombie_children(keep: set[int]) -> list[int]:
+    """Reap exited children not in `keep` (orphans re-parented to us as subreaper or PID 1).
+
+    Only zombies are waited for, by pid, so the exit status of a live child we own is never taken.
+    """
+    reaped: list[int] = []
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for child in children:
+        if child.pid in keep:
+            continue
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                continue
+            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            continue
+        if pid:
+            reaped.append(pid)
+    return reaped
+
+
+@dataclass(frozen=True)
+class Usage:
+    num_processes: int
+    rss_bytes: int
+    cpu_seconds: float
+
+
+def usage(shell_pid: int, tag: str) -> Usage:
+    """Resources summed over a shell's tree plus every escapee that carries its tag."""
+    pids = session_processes(shell_pid, tag)
+    count, rss, cpu = 0, 0, 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                mem = proc.memory_info().rss
+                times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        count += 1
+        rss += mem
+        cpu += times.user + times.system
+    return Usage(num_processes=count, rss_bytes=rss, cpu_seconds=round(cpu, 3))

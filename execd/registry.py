@@ -1,0 +1,470 @@
+"""The sessions: lifecycle states, limits, idle reaping, shutdown. No HTTP here."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from execd import process
+from execd.logging import get_logger
+from execd.shell import (
+    Aborted,
+    Completed,
+    NoActiveRun,
+    RunEvent,
+    RunRequest,
+    Shell,
+    ShellBusy,
+    ShellConfig,
+    ShellStartFailed,
+)
+
+log = get_logger("execd.registry")
+
+__all__ = ["Aborted", "Completed", "NoActiveRun", "RunRequest", "ShellBusy"]
+
+
+class SessionState(enum.StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    EXITED = "exited"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def live(self) -> bool:
+        return self in (SessionState.STARTING, SessionState.IDLE, SessionState.RUNNING)
+
+
+_TERMINAL = frozenset({SessionState.CLOSED, SessionState.EXITED, SessionState.FAILED})
+_ENDINGS = {SessionState.CLOSING, SessionState.EXITED, SessionState.FAILED}
+ALLOWED_TRANSITIONS: Mapping[SessionState, frozenset[SessionState]] = {
+    SessionState.STARTING: frozenset({SessionState.IDLE, *_ENDINGS}),
+    SessionState.IDLE: frozenset({SessionState.RUNNING, *_ENDINGS}),
+    SessionState.RUNNING: frozenset({SessionState.IDLE, *_ENDINGS}),
+    SessionState.CLOSING: frozenset({SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset(),
+    SessionState.EXITED: frozenset(),
+    SessionState.FAILED: frozenset(),
+}
+
+
+class RegistryError(Exception):
+    """Base of the registry's failures; each maps to one contract code in the API layer."""
+
+
+class SessionNotFound(RegistryError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no session with id {session_id!r}")
+
+
+class SessionEnded(RegistryError):
+    def __init__(self, session: Session) -> None:
+        super().__init__(f"session {session.id} has ended ({session.state}: {session.reason})")
+        self.state = session.state
+        self.reason = session.reason
+
+
+class TooManySessions(RegistryError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the session limit ({limit}) is reached; close a session first")
+
+
+class ShuttingDown(RegistryError):
+    def __init__(self) -> None:
+        super().__init__("the daemon is shutting down")
+
+
+class InvalidTransition(RegistryError):
+    pass
+
+
+@dataclass
+class RegistryConfig:
+    max_sessions: int = 256
+    idle_timeout_s: float = 0.0
+    max_run_timeout_ms: int = 86_400_000
+    interrupt_grace_ms: int = 2000
+    between_runs_bytes: int = 1024 * 1024
+    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Session:
+    """One shell plus what the contract says about it."""
+
+    def __init__(self, session_id: str, shell: Shell, idle_timeout_s: float, labels: Mapping[str, str]) -> None:
+        self.id = session_id
+        self.shell = shell
+        self.idle_timeout_s = idle_timeout_s
+        self.labels = dict(labels)
+        self.state = SessionState.STARTING
+        self.created_at = self.last_active_at = _now()
+        self.last_active = time.monotonic()
+        self.ended_at: float | None = None
+        self.run_count = 0
+        self.current_run_id: str | None = None
+        self.reason: str | None = None
+        self.exit_code: int | None = None
+        self.signal: str | None = None
+        self.closed = asyncio.Event()  # set once every process is gone and every fd released
+
+    def transition(self, new: SessionState, reason: str | None = None) -> None:
+        if new == self.state:
+            return
+        if new not in ALLOWED_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"session {self.id}: {self.state} -> {new} is not allowed")
+        log.debug("session_state_changed", session_id=self.id, old=str(self.state), new=str(new), reason=reason)
+        self.state = new
+        if reason is not None:
+            self.reason = reason
+        if new in _ENDINGS:
+            self.ended_at = time.monotonic()
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+        self.last_active_at = _now()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.id,
+            "state": str(self.state),
+            "pid": self.shell.pid or None,
+            "cwd": self.shell.cwd,
+            "labels": self.labels,
+            "created_at": self.created_at,
+            "last_active_at": self.last_active_at,
+            "idle_timeout_s": self.idle_timeout_s,
+            "run_count": self.run_count,
+            "current_run_id": self.current_run_id,
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+        }
+
+    def resources(self) -> dict[str, Any]:
+        if not self.state.live or not self.shell.pid:
+            return {"num_processes": 0, "rss_bytes": 0, "cpu_seconds": 0.0}
+        usage = process.usage(self.shell.pid, self.id)
+        return {"num_processes": usage.num_processes, "rss_bytes": usage.rss_bytes, "cpu_seconds": usage.cpu_seconds}
+
+    def record_shell_end(self) -> None:
+        """The shell ended by itself: exited with a status, or died by a signal."""
+        if not self.state.live:
+            return
+        code = self.shell.returncode
+        if code is not None and code >= 0:
+            self.exit_code = code
+            self.transition(SessionState.EXITED, f"the shell exited with status {code}")
+        else:
+            sig = signal.Signals(-code).name if code else "SIGKILL"
+            self.signal = sig
+            self.transition(SessionState.FAILED, f"the shell was killed by {sig}")
+
+
+class ActiveRun:
+    """A run in progress: its events, its timeout, and the session's state around it."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        session: Session,
+        run_id: str,
+        events: AsyncIterator[RunEvent],
+        timeout_s: float | None,
+    ) -> None:
+        self.registry = registry
+        self.session = session
+        self.run_id = run_id
+        self._events = events
+        self._timeout_s = timeout_s
+        self.finished = False
+
+    async def events(self) -> AsyncIterator[RunEvent]:
+        """Every event of the run; the session is idle (or ended) before the terminal one is yielded."""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self._timeout_s, self._on_timeout) if self._timeout_s else None
+        try:
+            async for event in self._events:
+                if isinstance(event, (Completed, Aborted)):
+                    self._finish(event)
+                yield event
+        finally:
+            if timer:
+                timer.cancel()
+
+    def _on_timeout(self) -> None:
+        try:
+            self.session.shell.interrupt(signal.SIGINT, self.run_id, timed_out=True)
+            log.info("run_timed_out", session_id=self.session.id, run_id=self.run_id)
+        except NoActiveRun:
+            pass
+
+    def _finish(self, event: Completed | Aborted) -> None:
+        self.finished = True
+        session = self.session
+        session.current_run_id = None
+        session.touch()
+        if isinstance(event, Completed):
+            log.info(
+                "run_finished",
+                session_id=session.id,
+                run_id=self.run_id,
+                exit_code=event.exit_code,
+                interrupted=event.interrupted,
+                timed_out=event.timed_out,
+            )
+        else:
+            log.info("run_aborted", session_id=session.id, run_id=self.run_id, code=event.code)
+        if session.state == SessionState.RUNNING:
+            if session.shell.alive:
+                session.transition(SessionState.IDLE)
+            else:
+                session.record_shell_end()
+                self.registry.clean_up_later(session)
+
+    async def abandon(self) -> None:
+        """The client is gone: interrupt the run and let it end, discarding its output."""
+        if self.finished:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                self.session.shell.interrupt(signal.SIGINT, self.run_id)
+                log.info("run_interrupted", session_id=self.session.id, run_id=self.run_id, cause="client_gone")
+            except NoActiveRun:
+                pass
+            async for _ in self.events():
+                pass
+
+
+class Registry:
+    """Every session of one daemon, by id."""
+
+    def __init__(self, config: RegistryConfig) -> None:
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self.shutting_down = False
+        self._cleanups: set[asyncio.Task[None]] = set()
+        self._watchdog: subprocess.Popen[bytes] | None = None
+
+    # ----- lifecycle of the registry ---------------------------------------------------------
+
+    def start_watchdog(self) -> None:
+        """A separate process that kills every session's processes if this daemon dies."""
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-m", "execd.watchdog"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": _package_root()},
+        )
+
+    def _tell_watchdog(self, line: str) -> None:
+        if self._watchdog and self._watchdog.stdin:
+            try:
+                self._watchdog.stdin.write(line.encode() + b"\n")
+                self._watchdog.stdin.flush()
+            except OSError:
+                pass
+
+    def stop_watchdog(self) -> None:
+        if self._watchdog:
+            if self._watchdog.stdin:
+                self._watchdog.stdin.close()
+            try:
+                self._watchdog.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+            self._watchdog = None
+
+    @property
+    def own_pids(self) -> set[int]:
+        """Children this daemon spawned and reaps itself (the orphan reaper leaves them alone)."""
+        pids = {s.shell.pid for s in self.sessions.values() if s.shell.pid}
+        if self._watchdog:
+            pids.add(self._watchdog.pid)
+        return pids
+
+    # ----- sessions --------------------------------------------------------------------------
+
+    def live_count(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.state.live)
+
+    async def create(
+        self, cwd: str | None, env: Mapping[str, str], idle_timeout_s: float | None, labels: Mapping[str, str]
+    ) -> Session:
+        if self.shutting_down:
+            raise ShuttingDown()
+        if self.live_count() >= self.config.max_sessions:
+            raise TooManySessions(self.config.max_sessions)
+        session_id = secrets.token_hex(12)
+        base_env = {**self.config.base_env, **env}
+        shell = Shell(
+            ShellConfig(
+                session_id=session_id,
+                cwd=cwd or os.getcwd(),
+                env=base_env,
+                interrupt_grace_s=self.config.interrupt_grace_ms / 1000,
+                between_runs_bytes=self.config.between_runs_bytes,
+            )
+        )
+        timeout = self.config.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
+        session = Session(session_id, shell, timeout, labels)
+        shell.on_exit = lambda _shell: self._on_shell_exit(session)
+        self.sessions[session_id] = session
+        self._tell_watchdog("+" + session_id)
+        try:
+            await shell.start()
+        except ShellStartFailed as exc:
+            session.transition(SessionState.FAILED, str(exc))
+            session.closed.set()
+            log.warning("session_failed_to_start", session_id=session_id, error=str(exc))
+            return session
+        if session.state == SessionState.STARTING:
+            session.transition(SessionState.IDLE)
+        log.info("session_opened", session_id=session_id, pid=shell.pid)
+        self._forget_excess_ended()
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        return session
+
+    def start_run(self, session: Session, request: RunRequest, run_id: str, timeout_ms: int) -> ActiveRun:
+        if self.shutting_down:
+            raise ShuttingDown()
+        if not session.state.live:
+            raise SessionEnded(session)
+        if session.state == SessionState.STARTING:
+            raise SessionEnded(session)
+        limit = self.config.max_run_timeout_ms
+        effective_ms = min(timeout_ms, limit) if timeout_ms > 0 else limit
+        events = session.shell.run(request, run_id)  # raises ShellBusy
+        session.transition(SessionState.RUNNING)
+        session.current_run_id = run_id
+        session.run_count += 1
+        session.touch()
+        log.info("run_started", session_id=session.id, run_id=run_id)
+        log.debug("run_code", session_id=session.id, run_id=run_id, code=request.code)
+        return ActiveRun(self, session, run_id, events, effective_ms / 1000 if effective_ms > 0 else None)
+
+    def interrupt(self, session: Session, sig: signal.Signals, run_id: str | None) -> str:
+        if not session.state.live:
+            raise SessionEnded(session)
+        interrupted = session.shell.interrupt(sig, run_id)
+        log.info("run_interrupted", session_id=session.id, run_id=interrupted, signal=sig.name, cause="request")
+        return interrupted
+
+    async def close(self, session: Session, reason: str, abort_code: str = "SESSION_CLOSED") -> None:
+        """Kill every process of a live session and release its fds; wait for an ended one's cleanup."""
+        if session.state.live:
+            session.transition(SessionState.CLOSING, reason)
+            message = "the session was closed" if abort_code == "SESSION_CLOSED" else "the daemon is shutting down"
+            await self._clean_up(session, Aborted(abort_code, message))
+            session.transition(SessionState.CLOSED)
+            log.info("session_closed", session_id=session.id, reason=reason)
+        else:
+            await session.closed.wait()
+
+    async def delete(self, session_id: str) -> dict[str, Any]:
+        session = self.get(session_id)
+        await self.close(session, "deleted")
+        self.sessions.pop(session_id, None)
+        return session.to_dict()
+
+    def _on_shell_exit(self, session: Session) -> None:
+        # With a run in progress, the run reports the end after it has read the last output.
+        if session.state.live and session.current_run_id is None:
+            session.record_shell_end()
+            log.info("session_ended", session_id=session.id, state=str(session.state), reason=session.reason)
+            self.clean_up_later(session)
+
+    def clean_up_later(self, session: Session) -> None:
+        task = asyncio.get_running_loop().create_task(self._clean_up(session, None))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _clean_up(self, session: Session, reason: Aborted | None) -> None:
+        if session.closed.is_set():
+            return
+        await session.shell.close(reason)
+        self._tell_watchdog("-" + session.id)
+        session.closed.set()
+
+    # ----- reaping ---------------------------------------------------------------------------
+
+    async def reap_idle(self) -> None:
+        """Close live sessions idle past their timeout; forget ended ones past theirs."""
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            timeout = session.idle_timeout_s
+            if timeout <= 0:
+                continue
+            if session.state == SessionState.IDLE and now - session.last_active > timeout:
+                log.info("session_idle_timeout", session_id=session.id, idle_timeout_s=timeout)
+                await self.close(session, "idle_timeout")
+            elif session.state.terminal and session.closed.is_set() and now - (session.ended_at or now) > timeout:
+                self.sessions.pop(session.id, None)
+        self._forget_excess_ended()
+
+    def _forget_excess_ended(self) -> None:
+        ended = [s for s in self.sessions.values() if s.state.terminal and s.closed.is_set()]
+        excess = len(ended) - self.config.max_sessions
+        if excess > 0:
+            for session in sorted(ended, key=lambda s: s.ended_at or 0)[:excess]:
+                self.sessions.pop(session.id, None)
+
+    async def reaper_loop(self, period_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            await self.reap_idle()
+
+    # ----- shutdown --------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop taking work, end every run with SHUTTING_DOWN, close every session."""
+        self.shutting_down = True
+        live = [s for s in self.sessions.values() if s.state.live]
+        if live:
+            log.info("sessions_closing_for_shutdown", count=len(live))
+        async with anyio.create_task_group() as tg:
+            for session in live:
+                tg.start_soon(self.close, session, "shutdown", "SHUTTING_DOWN")
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+    def kill_all_now(self) -> None:
+        """Last resort (a second signal): kill every shell without waiting for anything."""
+        for session in self.sessions.values():
+            if session.state.live or not session.closed.is_set():
+                session.shell.kill(Aborted("SHUTTING_DOWN", "the daemon is shutting down"))
+
+
+def _package_root() -> str:
+    import execd
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(execd.__file__)))

@@ -1,0 +1,576 @@
+"""One persistent bash process over pipes: spawn, run, interrupt, kill. No HTTP here.
+
+Protocol (see bootstrap.sh and ../shared/notes/bash-over-pipes.md):
+- the shell reads one wrapper line per run on its stdin, the daemon's private command channel;
+- the user's code is written to a private file and `source`d with its own stdin, so it can neither
+  read the command channel nor desynchronise it, and a syntax error is only a failed run;
+- completion, `$?`, `$-` and `$PWD` come back on a FIFO in a 0700 directory, never in the output;
+- stdout and stderr are separate pipes, drained at all times: by the run that reads them (as fast as
+  its consumer takes them: backpressure), or into a bounded between-runs buffer when no run is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import fcntl
+import os
+import shlex
+import shutil
+import signal
+import tempfile
+import termios
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Literal
+
+from execd import process
+
+Stream = Literal["stdout", "stderr"]
+READ_SIZE = 64 * 1024
+PIPE_SIZE = 1024 * 1024
+INTERRUPT_SIGNAL = signal.SIGUSR2  # the shell's own handler for the daemon's interrupts
+_F_SETPIPE_SZ = 1031
+_BOOTSTRAP = str(resources.files("execd") / "bootstrap.sh")
+_BASH = shutil.which("bash") or "/bin/bash"
+_NON_INTERACTIVE_DEFAULTS = {"PAGER": "cat", "GIT_PAGER": "cat", "TERM": "dumb"}
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+
+class ShellError(Exception):
+    """Base of the engine's failures; each maps to one contract code in the API layer."""
+
+
+class ShellBusy(ShellError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"a run is already in progress ({run_id})")
+        self.run_id = run_id
+
+
+class NoActiveRun(ShellError):
+    pass
+
+
+class ShellGone(ShellError):
+    """The shell has exited or was killed; nothing more can run in it."""
+
+
+class ShellStartFailed(ShellError):
+    pass
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: Stream
+    data: bytes
+    between_runs: bool = False
+    dropped_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Completed:
+    exit_code: int
+    interrupted: bool
+    timed_out: bool
+    cwd: str
+    shell_exited: bool
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """The run could not finish in a live shell. `code` is a contract error code."""
+
+    code: str
+    message: str
+
+
+RunEvent = Output | Completed | Aborted
+
+
+@dataclass
+class RunRequest:
+    code: str
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: str | None = None
+
+
+@dataclass
+class ShellConfig:
+    session_id: str
+    cwd: str
+    env: Mapping[str, str]
+    interrupt_grace_s: float = 2.0
+    between_runs_bytes: int = 1024 * 1024
+    start_timeout_s: float = 10.0
+
+
+@dataclass
+class _Status:
+    seq: str
+    exit_code: int
+    flags: str
+    cwd: str
+
+
+def shell_environment(base: Mapping[str, str], session_id: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment minus every EXECD_* setting or secret, plus defaults and the tag."""
+    env = {k: v for k, v in base.items() if not k.startswith("EXECD_") and k != "BASH_ENV"}
+    for key, value in _NON_INTERACTIVE_DEFAULTS.items():
+        env.setdefault(key, value)
+    env.update(extra)
+    env[process.SESSION_TAG] = session_id
+    return env
+
+
+class _Run:
+    """Book-keeping of the run in progress."""
+
+    def __init__(self, run_id: str, seq: int) -> None:
+        self.run_id = run_id
+        self.seq = str(seq)
+        self.start_ticks = process.boot_ticks_now()
+        self.end_ticks: int | None = None
+        self.interrupt_signal: signal.Signals | None = None
+        self.timed_out = False
+        self.escalations: list[asyncio.TimerHandle] = []
+
+
+class Shell:
+    """A live `bash --noprofile --norc` in its own session and process group."""
+
+    def __init__(self, config: ShellConfig) -> None:
+        self.config = config
+        self.pid = 0
+        self.cwd = config.cwd
+        self.returncode: int | None = None  # waitpid status as Popen reports it: -N for signal N
+        self.on_exit: Callable[[Shell], None] | None = None
+        self.abort: Aborted | None = None  # why the daemon killed the shell, if it did
+        self._loop = asyncio.get_running_loop()
+        self._dir = ""
+        self._fds: dict[str, int] = {}
+        self._statuses: collections.deque[_Status] = collections.deque()
+        self._status_buffer = b""
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._run: _Run | None = None
+        self._seq = 0
+        self._last_exit_code = 0
+        self._flags = ""
+        self._between: collections.deque[tuple[Stream, bytes]] = collections.deque()
+        self._between_size = 0
+        self._between_dropped = 0
+        self._streams: dict[int, Stream] = {}
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn bash and wait until it has run the bootstrap."""
+        try:
+            self._spawn()
+            await asyncio.wait_for(self._next_status(), self.config.start_timeout_s)
+        except (TimeoutError, OSError, ShellGone) as exc:
+            self.kill(Aborted("SESSION_DIED", "the shell could not start"))
+            raise ShellStartFailed(f"the shell could not start: {exc}") from exc
+        status = self._statuses.popleft()
+        self.cwd, self._flags = status.cwd, status.flags
+
+    def _spawn(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="execd-")
+        fifo = os.path.join(self._dir, "status")
+        os.mkfifo(fifo, 0o600)
+        # O_RDWR: opening never blocks and the FIFO never reads EOF while the shell reopens it.
+        self._fds["status"] = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._fds["code"] = os.open(os.path.join(self._dir, "code"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        stdin_r, self._fds["stdin"] = os.pipe2(os.O_CLOEXEC)
+        self._fds["stdout"], stdout_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._fds["stderr"], stderr_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        for name in ("stdout", "stderr"):
+            self._streams[self._fds[name]] = "stdout" if name == "stdout" else "stderr"
+            try:
+                fcntl.fcntl(self._fds[name], _F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # a smaller pipe is slower, not wrong
+        env = shell_environment(self.config.env, self.config.session_id, {})
+        env.update(BASH_ENV=_BOOTSTRAP, __EXECD_DIR=self._dir, __EXECD_CWD=self.config.cwd)
+        try:
+            self.pid = os.posix_spawn(
+                _BASH,
+                ["bash", "--noprofile", "--norc"],
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                    (os.POSIX_SPAWN_DUP2, stdout_w, 1),
+                    (os.POSIX_SPAWN_DUP2, stderr_w, 2),
+                ],
+                setsid=True,
+                setsigdef=_RESET_SIGNALS,
+                setsigmask=(),
+            )
+        finally:
+            for fd in (stdin_r, stdout_w, stderr_w):
+                os.close(fd)
+        self._fds["pidfd"] = os.pidfd_open(self.pid)
+        self._loop.add_reader(self._fds["pidfd"], self._on_pidfd)
+        self._loop.add_reader(self._fds["status"], self._on_status)
+        self._watch_idle_output(True)
+
+    @property
+    def alive(self) -> bool:
+        return self.returncode is None and self.pid != 0
+
+    @property
+    def running_run_id(self) -> str | None:
+        return self._run.run_id if self._run else None
+
+    async def close(self, reason: Aborted | None) -> None:
+        """Kill the shell and every process the session started, reap the shell, release every fd."""
+        if reason is not None and self.abort is None and self.alive:
+            self.abort = reason
+        if self.pid:
+            # The sweep reads /proc: off the event loop, so other sessions keep streaming.
+            await asyncio.to_thread(process.kill_session_tree, self.pid, self.config.session_id)
+            if self.returncode is None:
+                try:
+                    await asyncio.wait_for(self._exited(), 2.0)
+                except TimeoutError:
+                    self._reap(block=True)
+        self._release()
+
+    def kill(self, reason: Aborted | None) -> None:
+        """Like close, without waiting for anything: for start-up failures and a forced exit."""
+        if reason is not None and self.abort is None and self.alive:
+            self.abort = reason
+        if self.pid:
+            process.kill_session_tree(self.pid, self.config.session_id)
+            if self.returncode is None:
+                self._reap(block=True)
+        self._release()
+
+    async def _exited(self) -> None:
+        while self.returncode is None:
+            await self._wait(())
+
+    def _release(self) -> None:
+        for name, fd in list(self._fds.items()):
+            if name in ("pidfd", "status", "stdout", "stderr"):
+                self._loop.remove_reader(fd)
+            os.close(fd)
+        self._fds.clear()
+        self._streams.clear()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = ""
+        if self._run:
+            for handle in self._run.escalations:
+                handle.cancel()
+        self._wake()
+
+    def _on_pidfd(self) -> None:
+        self._reap(block=False)
+
+    def _reap(self, block: bool) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0  # someone else reaped it; it is gone all the same
+        if pid == 0:
+            return
+        self.returncode = os.waitstatus_to_exitcode(status)
+        if "pidfd" in self._fds:
+            self._loop.remove_reader(self._fds["pidfd"])
+        self._wake()
+        if self.on_exit:
+            self._loop.call_soon(self.on_exit, self)
+
+    # ----- status channel --------------------------------------------------------------------
+
+    def _on_status(self) -> None:
+        try:
+            data = os.read(self._fds["status"], 65536)
+        except BlockingIOError:
+            return
+        self._status_buffer += data
+        *records, self._status_buffer = self._status_buffer.split(b"\0")
+        for record in records:
+            seq, code, flags, cwd = record.decode(errors="surrogateescape").split("\t", 3)
+            self._statuses.append(_Status(seq, int(code), flags, cwd))
+        self._wake()
+
+    async def _next_status(self) -> None:
+        while not self._statuses:
+            if not self.alive:
+                raise ShellGone("the shell exited")
+            await self._wait(())
+
+    # ----- waking ----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self, fds: tuple[int, ...]) -> None:
+        """Sleep until one of `fds` is readable, a status arrives, or the shell exits."""
+        waiter = self._loop.create_future()
+        self._waiters.add(waiter)
+        for fd in fds:
+            self._loop.add_reader(fd, self._wake)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+            if self._fds:
+                for fd in fds:
+                    self._loop.remove_reader(fd)
+
+    # ----- output between runs ---------------------------------------------------------------
+
+    def _watch_idle_output(self, on: bool) -> None:
+        for fd in self._streams:
+            if on:
+                self._loop.add_reader(fd, self._drain_idle, fd)
+            else:
+                self._loop.remove_reader(fd)
+
+    def _drain_idle(self, fd: int) -> None:
+        data = _read(fd, READ_SIZE)
+        if not data:
+            if data is not None:  # EOF: every writer is gone
+                self._loop.remove_reader(fd)
+            return
+        self._between.append((self._streams[fd], data))
+        self._between_size += len(data)
+        limit = self.config.between_runs_bytes
+        while self._between_size > limit:
+            stream, oldest = self._between.popleft()
+            excess = self._between_size - limit
+            if len(oldest) > excess:
+                self._between.appendleft((stream, oldest[excess:]))
+                self._between_size -= excess
+                self._between_dropped += excess
+            else:
+                self._between_size -= len(oldest)
+                self._between_dropped += len(oldest)
+
+    def _take_between_runs(self) -> list[Output]:
+        outputs = []
+        for stream, data in self._between:
+            outputs.append(Output(stream, data, between_runs=True, dropped_bytes=self._between_dropped))
+            self._between_dropped = 0
+        self._between.clear()
+        self._between_size = 0
+        return outputs
+
+    # ----- runs ------------------------------------------------------------------------------
+
+    def run(self, request: RunRequest, run_id: str) -> AsyncIterator[RunEvent]:
+        """Start a run now and return its events; the last one is Completed or Aborted.
+
+        The caller iterates to the end (after an interrupt, if it no longer wants the output), so
+        the shell is idle again when it stops.
+        """
+        self._start_run(request, run_id)
+        return self._events()
+
+    def _start_run(self, request: RunRequest, run_id: str) -> None:
+        if self._run is not None:
+            raise ShellBusy(self._run.run_id)
+        if not self.alive or not self._fds:
+            raise ShellGone("the shell has ended")
+        self._seq += 1
+        run = _Run(run_id, self._seq)
+        self._write_code(request.code)
+        line = self._command_line(run, request)
+        try:
+            _write_all(self._fds["stdin"], line.encode())
+        except BrokenPipeError as exc:
+            raise ShellGone("the shell has ended") from exc
+        self._watch_idle_output(False)
+        self._run = run
+
+    def _write_code(self, code: str) -> None:
+        prefix = "set -" + "".join(f for f in "xv" if f in self._flags) + ";" if set("xv") & set(self._flags) else ""
+        data = (prefix + code).encode(errors="surrogateescape")
+        fd = self._fds["code"]
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+
+    def _command_line(self, run: _Run, request: RunRequest) -> str:
+        prelude = "".join(f"\\__execd_setenv {k} {shlex.quote(v)}\n" for k, v in request.env.items())
+        if prelude:
+            _write_file(os.path.join(self._dir, "prelude"), prelude.encode())
+        if request.stdin is None:
+            stdin = "/dev/null"
+        else:
+            stdin = os.path.join(self._dir, "stdin")
+            _write_file(stdin, request.stdin.encode(errors="surrogateescape"))
+        joiner = "&&" if self._last_exit_code == 0 else "||"
+        source = f"\\__execd_rc {self._last_exit_code} {joiner} \\builtin source {self._dir}/code <{stdin}"
+        if request.cwd is not None:
+            source = f"\\builtin cd -- {shlex.quote(request.cwd)} && {{ {source}; }}"
+        pre = f"{{ \\__execd_pre {run.seq} {int(bool(prelude))}; }} 2>/dev/null"
+        return f"{pre}; {source}; {{ \\__execd_post; }} 2>/dev/null\n"
+
+    async def _events(self) -> AsyncIterator[RunEvent]:
+        run = self._run
+        assert run is not None
+        try:
+            for output in self._take_between_runs():
+                yield output
+            outputs = [fd for fd in self._streams]
+            turn = 0
+            while True:
+                status = self._status_for(run)
+                if status is not None or not self.alive or not self._fds:
+                    for output in self._final_drain():
+                        yield output
+                    yield self._finish(run, status)
+                    return
+                # Read what is there, alternating streams; sleep only when both are empty.
+                for i in range(len(outputs)):
+                    fd = outputs[(turn + i) % len(outputs)]
+                    data = _read(fd, READ_SIZE)
+                    if data:
+                        turn = (turn + i + 1) % len(outputs)
+                        yield Output(self._streams[fd], data)
+                        break
+                    if data is not None:  # EOF on this stream: no writer left
+                        outputs.remove(fd)
+                        break
+                else:
+                    await self._wait(tuple(outputs))
+        finally:
+            if self._run is run:
+                self._end_run(run)
+
+    def _status_for(self, run: _Run) -> _Status | None:
+        while self._statuses:
+            status = self._statuses.popleft()
+            if status.seq == run.seq:
+                return status
+        return None
+
+    def _final_drain(self) -> list[Output]:
+        """What the pipes hold now: no more, since a background job may write forever."""
+        outputs = []
+        for fd, stream in list(self._streams.items()):
+            pending = _pending_bytes(fd)
+            while pending > 0:
+                data = _read(fd, min(pending, READ_SIZE))
+                if not data:
+                    break
+                pending -= len(data)
+                outputs.append(Output(stream, data))
+        return outputs
+
+    def _finish(self, run: _Run, status: _Status | None) -> Completed | Aborted:
+        interrupted = run.interrupt_signal is not None
+        if status is not None:
+            self.cwd, self._flags = status.cwd, status.flags
+            code = 128 + run.interrupt_signal if run.interrupt_signal else status.exit_code
+            self._last_exit_code = code
+            return Completed(code, interrupted, run.timed_out, self.cwd, shell_exited=False)
+        if self.abort is not None:
+            return self.abort
+        if self.returncode is not None and self.returncode >= 0:
+            return Completed(self.returncode, interrupted, run.timed_out, self.cwd, shell_exited=True)
+        sig = -(self.returncode or 0)
+        name = signal.Signals(sig).name if sig else "an unknown cause"
+        return Aborted("SESSION_DIED", f"the shell was killed by {name}")
+
+    def _end_run(self, run: _Run) -> None:
+        run.end_ticks = process.boot_ticks_now()
+        self._run = None
+        if self._dir:
+            try:
+                os.unlink(os.path.join(self._dir, "interrupt"))
+            except FileNotFoundError:
+                pass
+        if self._fds:
+            self._watch_idle_output(True)
+
+    # ----- interrupts ------------------------------------------------------------------------
+
+    def interrupt(
+        self, sig: signal.Signals = signal.SIGINT, run_id: str | None = None, *, timed_out: bool = False
+    ) -> str:
+        """Ctrl-C for the run in progress: the rest of its code is skipped, the shell survives."""
+        run = self._run
+        if run is None or (run_id is not None and run_id != run.run_id):
+            raise NoActiveRun("no run in progress" if run is None else f"run {run_id} is not in progress")
+        if run.interrupt_signal is None:
+            run.interrupt_signal = sig
+            run.timed_out = timed_out
+            # The file says which run the signal is for; the shell ignores it for any other run.
+            _write_file(os.path.join(self._dir, "interrupt"), f"{run.seq} {sig.name[3:]}\n".encode())
+            grace = self.config.interrupt_grace_s
+            run.escalations.append(self._loop.call_later(grace, self._kill_run_processes, run))
+            run.escalations.append(self._loop.call_later(grace * 1.5 + 0.5, self._kill_if_stuck, run))
+        os.kill(self.pid, INTERRUPT_SIGNAL)
+        victims = self._run_processes(run, same_group_only=sig == signal.SIGINT)
+        process.signal_pids(victims, sig)
+        return run.run_id
+
+    def _run_processes(self, run: _Run, same_group_only: bool = False) -> list[int]:
+        """The shell's descendants that `run` started (older background jobs are left alone)."""
+        pids = []
+        for pid in process.descendants(self.pid):
+            ticks = process.start_ticks(pid)
+            if ticks is None or ticks < run.start_ticks:
+                continue
+            if run.end_ticks is not None and ticks > run.end_ticks:
+                continue
+            if same_group_only:
+                try:
+                    if os.getpgid(pid) != self.pid:
+                        continue
+                except ProcessLookupError:
+                    continue
+            pids.append(pid)
+        return pids
+
+    def _kill_run_processes(self, run: _Run) -> None:
+        if self.alive:
+            process.signal_pids(self._run_processes(run), signal.SIGKILL)
+
+    def _kill_if_stuck(self, run: _Run) -> None:
+        if self._run is run and self.alive:
+            self.kill(Aborted("SESSION_DIED", "the shell did not come back after an interrupt"))
+
+
+def _read(fd: int, size: int) -> bytes | None:
+    """Read without blocking: bytes, b"" at EOF, None when nothing is there now."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return b""
+        raise
+
+
+def _pending_bytes(fd: int) -> int:
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, "little")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """The command channel is blocking and the line is short; bash reads it at once."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)

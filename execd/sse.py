@@ -1,0 +1,142 @@
+"""The one owner of the run stream's wire format: SSE framing, event JSON, text chunks, pings.
+
+Each event is `id: SEQ`, `event: TYPE` and one `data:` line of JSON that repeats type, seq, run_id
+and timestamp. Output text never splits a UTF-8 character (invalid bytes become U+FFFD) and is
+counted against the run's output limit as sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import time
+from typing import Any, Protocol
+
+PING = b": ping\n\n"
+# Printable ASCII except the two characters JSON escapes: such text goes out as it is.
+_JSON_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
+class Writer(Protocol):
+    async def write(self, data: bytes) -> None: ...
+
+
+def json_string(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=False).encode()
+
+
+def frame(seq: int, event: str, body: bytes) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, event.encode(), body)
+
+
+def escape_ascii(data: bytes) -> bytes:
+    """JSON string literal of ASCII bytes; bytes.replace and translate run at memory speed."""
+    if not data.translate(None, _JSON_PLAIN):
+        return b'"' + data + b'"'
+    if not data.translate(None, _JSON_PLAIN + b"\n\t"):
+        escaped = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n").replace(b"\t", b"\\t")
+        return b'"' + escaped + b'"'
+    return json_string(data.decode("ascii"))
+
+
+class TextChunker:
+    """Turns one stream's bytes into text chunks that never split a UTF-8 character."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = False
+
+    def feed(self, data: bytes, final: bool = False) -> bytes | str:
+        """ASCII comes back as bytes (the fast path), anything else as decoded text."""
+        if not self._pending and data.isascii() and not final:
+            return data
+        text = self._decoder.decode(data, final)
+        self._pending = bool(self._decoder.getstate()[0])
+        return text
+
+
+class RunStream:
+    """Writes one run's events: seq numbering, the output limit, pings while quiet."""
+
+    def __init__(self, writer: Writer, run_id: str, max_output_bytes: int, ping_s: float) -> None:
+        self._writer = writer
+        self.run_id = run_id
+        self._seq = 0
+        self._head = b',"run_id":%s' % json_string(run_id)
+        self._budget = max_output_bytes
+        self.output_truncated = False
+        self._chunkers = {"stdout": TextChunker(), "stderr": TextChunker()}
+        self._ping_s = ping_s
+        self._last_write = time.monotonic()
+        self._pinger: asyncio.Task[None] | None = None
+
+    # ----- pings -----------------------------------------------------------------------------
+
+    def start_pings(self) -> None:
+        if self._ping_s > 0:
+            self._pinger = asyncio.get_running_loop().create_task(self._ping_while_quiet())
+
+    def stop_pings(self) -> None:
+        if self._pinger:
+            self._pinger.cancel()
+            self._pinger = None
+
+    async def _ping_while_quiet(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.0, self._last_write + self._ping_s - time.monotonic()))
+            if time.monotonic() - self._last_write >= self._ping_s:
+                await self._write(PING)
+
+    # ----- events ----------------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        self._last_write = time.monotonic()
+        await self._writer.write(data)
+
+    def _encode(self, event: str, fields: bytes) -> bytes:
+        seq = self._seq
+        self._seq += 1
+        body = b'{"type":"%s","seq":%d%s,"timestamp":%d%s}' % (
+            event.encode(),
+            seq,
+            self._head,
+            int(time.time() * 1000),
+            fields,
+        )
+        return frame(seq, event, body)
+
+    async def send(self, event: str, **fields: Any) -> None:
+        extra = b"".join(
+            b",%s:%s" % (json_string(k), json.dumps(v, ensure_ascii=False).encode()) for k, v in fields.items()
+        )
+        await self._write(self._encode(event, extra))
+
+    async def send_output(self, stream: str, data: bytes, *, final: bool = False, **fields: Any) -> None:
+        """Send a chunk of output as `stdout`/`stderr`, within what the output limit leaves."""
+        chunk = self._chunkers[stream].feed(data, final)
+        if not chunk:
+            return
+        literal = self._limit(chunk)
+        if literal is None:
+            return
+        extra = b"".join(b",%s:%s" % (json_string(k), json.dumps(v).encode()) for k, v in fields.items())
+        await self._write(self._encode(stream, b',"text":' + literal + extra))
+
+    def _limit(self, chunk: bytes | str) -> bytes | None:
+        """The JSON literal of what may still be sent of `chunk`, cut on a character boundary."""
+        raw = chunk if isinstance(chunk, bytes) else chunk.encode()
+        if len(raw) > self._budget:
+            self.output_truncated = True
+            raw = raw[: self._budget]
+            if isinstance(chunk, str):
+                raw = raw.decode("utf-8", "ignore").encode()
+        self._budget -= len(raw)
+        if not raw:
+            return None
+        return escape_ascii(raw) if raw.isascii() else json_string(raw.decode())
+
+    async def flush_text(self) -> None:
+        """At the end of a run: what an incomplete UTF-8 sequence left behind becomes U+FFFD."""
+        for stream in self._chunkers:
+            await self.send_output(stream, b"", final=True)
