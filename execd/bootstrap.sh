@@ -104,6 +104,7 @@ __execd_post() {
 }
 
 trap '\__execd_check_interrupt' USR2
+[[ -n ${__EXECD_NOFILE-} ]] && ulimit -Sn "$__EXECD_NOFILE" 2>/dev/null
 builtin cd -- "$__EXECD_CWD" || exit 97
-unset __EXECD_CWD
+unset __EXECD_CWD __EXECD_NOFILE
 builtin printf '%s\t%s\t%s\t%s\0' ready 0 "$-" "$PWD" >|"$__execd_dir/status"

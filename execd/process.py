@@ -5,8 +5,11 @@ Nothing here knows about sessions or HTTP; callers pass pids and tags.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterable
@@ -40,6 +43,21 @@ def is_subreaper() -> bool:
         return bool(libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
     except (OSError, AttributeError):
         return False
+
+
+@functools.cache
+def raise_fd_limit() -> int:
+    """Lift the soft limit on open files to the hard one (each session holds 6 fds).
+
+    Returns the old soft limit, which the shells get back: some programs loop over every
+    possible fd, and a huge limit makes them slow.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return soft
 
 
 def boot_ticks_now() -> int:

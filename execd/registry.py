@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +28,7 @@ from execd.shell import (
     Shell,
     ShellBusy,
     ShellConfig,
+    ShellRun,
     ShellStartFailed,
 )
 
@@ -105,6 +106,7 @@ class RegistryConfig:
     interrupt_grace_ms: int = 2000
     between_runs_bytes: int = 1024 * 1024
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    shell_fd_limit: int | None = None
 
 
 def _now() -> str:
@@ -186,33 +188,26 @@ class Session:
 class ActiveRun:
     """A run in progress: its events, its timeout, and the session's state around it."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        session: Session,
-        run_id: str,
-        events: AsyncIterator[RunEvent],
-        timeout_s: float | None,
-    ) -> None:
+    def __init__(self, registry: Registry, session: Session, shell_run: ShellRun, timeout_s: float | None) -> None:
         self.registry = registry
         self.session = session
-        self.run_id = run_id
-        self._events = events
-        self._timeout_s = timeout_s
+        self.run_id = shell_run.run_id
+        self._shell_run = shell_run
         self.finished = False
-
-    async def events(self) -> AsyncIterator[RunEvent]:
-        """Every event of the run; the session is idle (or ended) before the terminal one is yielded."""
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._timeout_s, self._on_timeout) if self._timeout_s else None
-        try:
-            async for event in self._events:
-                if isinstance(event, (Completed, Aborted)):
-                    self._finish(event)
-                yield event
-        finally:
-            if timer:
-                timer.cancel()
+        self._timer = loop.call_later(timeout_s, self._on_timeout) if timeout_s else None
+
+    def __aiter__(self) -> ActiveRun:
+        return self
+
+    async def __anext__(self) -> RunEvent:
+        """The next event; the session is idle (or ended) before the terminal one is returned."""
+        if self.finished:
+            raise StopAsyncIteration
+        event = await self._shell_run.next_event()
+        if isinstance(event, (Completed, Aborted)):
+            self._finish(event)
+        return event
 
     def _on_timeout(self) -> None:
         try:
@@ -223,6 +218,8 @@ class ActiveRun:
 
     def _finish(self, event: Completed | Aborted) -> None:
         self.finished = True
+        if self._timer:
+            self._timer.cancel()
         session = self.session
         session.current_run_id = None
         session.touch()
@@ -254,7 +251,7 @@ class ActiveRun:
                 log.info("run_interrupted", session_id=self.session.id, run_id=self.run_id, cause="client_gone")
             except NoActiveRun:
                 pass
-            async for _ in self.events():
+            async for _ in self:
                 pass
 
 
@@ -328,6 +325,7 @@ class Registry:
                 env=base_env,
                 interrupt_grace_s=self.config.interrupt_grace_ms / 1000,
                 between_runs_bytes=self.config.between_runs_bytes,
+                fd_limit=self.config.shell_fd_limit,
             )
         )
         timeout = self.config.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
@@ -338,7 +336,8 @@ class Registry:
         try:
             await shell.start()
         except ShellStartFailed as exc:
-            session.transition(SessionState.FAILED, str(exc))
+            if session.state.live:
+                session.transition(SessionState.FAILED, str(exc))
             session.closed.set()
             log.warning("session_failed_to_start", session_id=session_id, error=str(exc))
             return session
@@ -363,14 +362,14 @@ class Registry:
             raise SessionEnded(session)
         limit = self.config.max_run_timeout_ms
         effective_ms = min(timeout_ms, limit) if timeout_ms > 0 else limit
-        events = session.shell.run(request, run_id)  # raises ShellBusy
+        shell_run = session.shell.run(request, run_id)  # raises ShellBusy
         session.transition(SessionState.RUNNING)
         session.current_run_id = run_id
         session.run_count += 1
         session.touch()
         log.info("run_started", session_id=session.id, run_id=run_id)
         log.debug("run_code", session_id=session.id, run_id=run_id, code=request.code)
-        return ActiveRun(self, session, run_id, events, effective_ms / 1000 if effective_ms > 0 else None)
+        return ActiveRun(self, session, shell_run, effective_ms / 1000 if effective_ms > 0 else None)
 
     def interrupt(self, session: Session, sig: signal.Signals, run_id: str | None) -> str:
         if not session.state.live:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import fcntl
 import os
@@ -21,7 +22,7 @@ import shutil
 import signal
 import tempfile
 import termios
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
@@ -105,6 +106,7 @@ class ShellConfig:
     interrupt_grace_s: float = 2.0
     between_runs_bytes: int = 1024 * 1024
     start_timeout_s: float = 10.0
+    fd_limit: int | None = None  # the soft RLIMIT_NOFILE the shell gets (the daemon's may be higher)
 
 
 @dataclass
@@ -194,6 +196,8 @@ class Shell:
                 pass  # a smaller pipe is slower, not wrong
         env = shell_environment(self.config.env, self.config.session_id, {})
         env.update(BASH_ENV=_BOOTSTRAP, __EXECD_DIR=self._dir, __EXECD_CWD=self.config.cwd)
+        if self.config.fd_limit:
+            env["__EXECD_NOFILE"] = str(self.config.fd_limit)
         try:
             self.pid = os.posix_spawn(
                 _BASH,
@@ -365,14 +369,15 @@ class Shell:
 
     # ----- runs ------------------------------------------------------------------------------
 
-    def run(self, request: RunRequest, run_id: str) -> AsyncIterator[RunEvent]:
+    def run(self, request: RunRequest, run_id: str) -> ShellRun:
         """Start a run now and return its events; the last one is Completed or Aborted.
 
         The caller iterates to the end (after an interrupt, if it no longer wants the output), so
-        the shell is idle again when it stops.
+        the shell is idle again when it stops. Cancelling one wait loses nothing: iterate on.
         """
         self._start_run(request, run_id)
-        return self._events()
+        assert self._run is not None
+        return ShellRun(self, self._run)
 
     def _start_run(self, request: RunRequest, run_id: str) -> None:
         if self._run is not None:
@@ -413,38 +418,6 @@ class Shell:
         pre = f"{{ \\__execd_pre {run.seq} {int(bool(prelude))}; }} 2>/dev/null"
         return f"{pre}; {source}; {{ \\__execd_post; }} 2>/dev/null\n"
 
-    async def _events(self) -> AsyncIterator[RunEvent]:
-        run = self._run
-        assert run is not None
-        try:
-            for output in self._take_between_runs():
-                yield output
-            outputs = [fd for fd in self._streams]
-            turn = 0
-            while True:
-                status = self._status_for(run)
-                if status is not None or not self.alive or not self._fds:
-                    for output in self._final_drain():
-                        yield output
-                    yield self._finish(run, status)
-                    return
-                # Read what is there, alternating streams; sleep only when both are empty.
-                for i in range(len(outputs)):
-                    fd = outputs[(turn + i) % len(outputs)]
-                    data = _read(fd, READ_SIZE)
-                    if data:
-                        turn = (turn + i + 1) % len(outputs)
-                        yield Output(self._streams[fd], data)
-                        break
-                    if data is not None:  # EOF on this stream: no writer left
-                        outputs.remove(fd)
-                        break
-                else:
-                    await self._wait(tuple(outputs))
-        finally:
-            if self._run is run:
-                self._end_run(run)
-
     def _status_for(self, run: _Run) -> _Status | None:
         while self._statuses:
             status = self._statuses.popleft()
@@ -483,11 +456,9 @@ class Shell:
     def _end_run(self, run: _Run) -> None:
         run.end_ticks = process.boot_ticks_now()
         self._run = None
-        if self._dir:
-            try:
+        if self._dir and run.interrupt_signal is not None:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._dir, "interrupt"))
-            except FileNotFoundError:
-                pass
         if self._fds:
             self._watch_idle_output(True)
 
@@ -538,6 +509,64 @@ class Shell:
     def _kill_if_stuck(self, run: _Run) -> None:
         if self._run is run and self.alive:
             self.kill(Aborted("SESSION_DIED", "the shell did not come back after an interrupt"))
+
+
+class ShellRun:
+    """The events of one run, pulled one at a time: the pipes are read only as fast as the caller
+    asks (backpressure). An async iterator object, not a generator, so that a cancelled wait
+    (a client gone) leaves the run intact for whoever finishes it."""
+
+    def __init__(self, shell: Shell, run: _Run) -> None:
+        self._shell = shell
+        self._run = run
+        self._queue: collections.deque[RunEvent] = collections.deque(shell._take_between_runs())
+        self._fds = list(shell._streams)
+        self._turn = 0
+        self.finished = False
+
+    @property
+    def run_id(self) -> str:
+        return self._run.run_id
+
+    def __aiter__(self) -> ShellRun:
+        return self
+
+    async def __anext__(self) -> RunEvent:
+        if self.finished:
+            raise StopAsyncIteration
+        event = await self.next_event()
+        self.finished = isinstance(event, (Completed, Aborted))
+        return event
+
+    async def next_event(self) -> RunEvent:
+        shell, run = self._shell, self._run
+        while True:
+            if self._queue:
+                return self._queue.popleft()
+            status = shell._status_for(run)
+            if status is not None or not shell.alive or not shell._fds:
+                self._queue.extend(shell._final_drain())
+                self._queue.append(shell._finish(run, status))
+                shell._end_run(run)
+                continue
+            output = self._read_some()
+            if output is not None:
+                return output
+            await shell._wait(tuple(self._fds))
+
+    def _read_some(self) -> Output | None:
+        """One chunk from whichever stream has data, alternating so neither starves the other."""
+        count = len(self._fds)
+        for i in range(count):
+            fd = self._fds[(self._turn + i) % count]
+            data = _read(fd, READ_SIZE)
+            if data:
+                self._turn = (self._turn + i + 1) % count
+                return Output(self._shell._streams[fd], data)
+            if data is not None:  # EOF: no writer is left on this stream
+                self._fds.remove(fd)
+                return None
+        return None
 
 
 def _read(fd: int, size: int) -> bytes | None:

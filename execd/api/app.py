@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
             max_run_timeout_ms=settings.max_run_timeout_ms,
             interrupt_grace_ms=settings.interrupt_grace_ms,
             between_runs_bytes=settings.between_runs_bytes,
+            shell_fd_limit=process.raise_fd_limit(),
         )
     )
     app.cleanup_ctx.append(_registry_context)

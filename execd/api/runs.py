@@ -39,7 +39,7 @@ async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -
     await stream.send("init", session_id=session_id, text=active.run_id)
     stream.start_pings()
     try:
-        async for event in active.events():
+        async for event in active:
             if isinstance(event, Completed):
                 await stream.flush_text()
                 await stream.send(
