@@ -162,18 +162,24 @@ def session_processes(shell_pid: int, tag: str, parents: dict[int, int] | None =
     return found
 
 
-def kill_session_tree(shell_pid: int, tag: str) -> None:
-    """SIGKILL a shell's process group, its descendants that left it, and every tagged escapee."""
-    try:
+def kill_session_tree(shell_pid: int, tag: str, keep: set[int], timeout_s: float = 2.0) -> bool:
+    """SIGKILL a shell's process group, its descendants that left it, and every tagged escapee;
+    wait until they are dead and reap those that are our children (except the pids in `keep`,
+    whose owners reap them). Blocking: call it from a thread. False if some survived `timeout_s`.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(shell_pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    deadline = time.monotonic() + timeout_s
     # Something may fork between a listing and the kill: sweep until a pass finds nothing alive.
-    for _ in range(5):
+    while True:
         victims = [pid for pid in session_processes(shell_pid, tag) if _alive(pid)]
         if not victims:
-            return
+            reap_zombie_children(keep)
+            return True
+        if time.monotonic() > deadline:
+            return False
         signal_pids(victims, signal.SIGKILL)
+        time.sleep(0.002)
 
 
 def _alive(pid: int) -> bool:

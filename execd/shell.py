@@ -164,6 +164,7 @@ class Shell:
         self._between_size = 0
         self._between_dropped = 0
         self._streams: dict[int, Stream] = {}
+        self._closing: asyncio.Task[None] | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class Shell:
             self._spawn()
             await asyncio.wait_for(self._next_status(), self.config.start_timeout_s)
         except (TimeoutError, OSError, ShellGone) as exc:
-            self.kill(Aborted("SESSION_DIED", "the shell could not start"))
+            await self.close(Aborted("SESSION_DIED", "the shell could not start"))
             raise ShellStartFailed(f"the shell could not start: {exc}") from exc
         status = self._statuses.popleft()
         self.cwd, self._flags = status.cwd, status.flags
@@ -186,9 +187,11 @@ class Shell:
         self._fds["status"] = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._fds["code"] = os.open(os.path.join(self._dir, "code"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         stdin_r, self._fds["stdin"] = os.pipe2(os.O_CLOEXEC)
-        self._fds["stdout"], stdout_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._fds["stderr"], stderr_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._fds["stdout"], stdout_w = os.pipe2(os.O_CLOEXEC)
+        self._fds["stderr"], stderr_w = os.pipe2(os.O_CLOEXEC)
         for name in ("stdout", "stderr"):
+            # Only our end is non-blocking: the shell's programs must block on a full pipe.
+            os.set_blocking(self._fds[name], False)
             self._streams[self._fds[name]] = "stdout" if name == "stdout" else "stderr"
             try:
                 fcntl.fcntl(self._fds[name], _F_SETPIPE_SZ, PIPE_SIZE)
@@ -234,7 +237,7 @@ class Shell:
             self.abort = reason
         if self.pid:
             # The sweep reads /proc: off the event loop, so other sessions keep streaming.
-            await asyncio.to_thread(process.kill_session_tree, self.pid, self.config.session_id)
+            await asyncio.to_thread(process.kill_session_tree, self.pid, self.config.session_id, {self.pid})
             if self.returncode is None:
                 try:
                     await asyncio.wait_for(self._exited(), 2.0)
@@ -247,7 +250,7 @@ class Shell:
         if reason is not None and self.abort is None and self.alive:
             self.abort = reason
         if self.pid:
-            process.kill_session_tree(self.pid, self.config.session_id)
+            process.kill_session_tree(self.pid, self.config.session_id, {self.pid}, timeout_s=0.5)
             if self.returncode is None:
                 self._reap(block=True)
         self._release()
@@ -508,7 +511,8 @@ class Shell:
 
     def _kill_if_stuck(self, run: _Run) -> None:
         if self._run is run and self.alive:
-            self.kill(Aborted("SESSION_DIED", "the shell did not come back after an interrupt"))
+            reason = Aborted("SESSION_DIED", "the shell did not come back after an interrupt")
+            self._closing = self._loop.create_task(self.close(reason))
 
 
 class ShellRun:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 PING = b": ping\n\n"
 # Printable ASCII except the two characters JSON escapes: such text goes out as it is.
 _JSON_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+_JSON_PLAIN_NL_TAB = _JSON_PLAIN + b"\n\t"
 
 
 class Writer(Protocol):
@@ -34,9 +35,9 @@ def escape_ascii(data: bytes) -> bytes:
     """JSON string literal of ASCII bytes; bytes.replace and translate run at memory speed."""
     if not data.translate(None, _JSON_PLAIN):
         return b'"' + data + b'"'
-    if not data.translate(None, _JSON_PLAIN + b"\n\t"):
-        escaped = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n").replace(b"\t", b"\\t")
-        return b'"' + escaped + b'"'
+    # Only newlines and tabs to escape, and not too many of them (replace pays per occurrence).
+    if data.count(b"\n") < len(data) >> 5 and not data.translate(None, _JSON_PLAIN_NL_TAB):
+        return b'"' + data.replace(b"\n", b"\\n").replace(b"\t", b"\\t") + b'"'
     return json_string(data.decode("ascii"))
 
 
@@ -131,7 +132,10 @@ class RunStream:
             raw = raw[: self._budget]
             if isinstance(chunk, str):
                 raw = raw.decode("utf-8", "ignore").encode()
-        self._budget -= len(raw)
+            # What is sent stays a prefix of the output: nothing after the cut, even if it would fit.
+            self._budget = 0
+        else:
+            self._budget -= len(raw)
         if not raw:
             return None
         return escape_ascii(raw) if raw.isascii() else json_string(raw.decode())
