@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -201,10 +201,13 @@ class ActiveRun:
         return self
 
     async def __anext__(self) -> RunEvent:
-        """The next event; the session is idle (or ended) before the terminal one is returned."""
         if self.finished:
             raise StopAsyncIteration
-        event = await self._shell_run.next_event()
+        return await self.next_event()
+
+    async def next_event(self, on_quiet: Callable[[], Awaitable[None]] | None = None) -> RunEvent:
+        """The next event; the session is idle (or ended) before the terminal one is returned."""
+        event = await self._shell_run.next_event(on_quiet)
         if isinstance(event, (Completed, Aborted)):
             self._finish(event)
         return event

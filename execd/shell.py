@@ -22,7 +22,7 @@ import shutil
 import signal
 import tempfile
 import termios
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
@@ -31,6 +31,7 @@ from execd import process
 
 Stream = Literal["stdout", "stderr"]
 READ_SIZE = 64 * 1024
+QUIET_S = 0.002  # how long a run may be quiet before a batching caller is told to send
 PIPE_SIZE = 1024 * 1024
 INTERRUPT_SIGNAL = signal.SIGUSR2  # the shell's own handler for the daemon's interrupts
 _F_SETPIPE_SZ = 1031
@@ -318,15 +319,19 @@ class Shell:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _wait(self, fds: tuple[int, ...]) -> None:
-        """Sleep until one of `fds` is readable, a status arrives, or the shell exits."""
+    async def _wait(self, fds: tuple[int, ...], timeout: float | None = None) -> bool:
+        """Sleep until one of `fds` is readable, a status arrives, or the shell exits (True),
+        or `timeout` passes (False)."""
         waiter = self._loop.create_future()
         self._waiters.add(waiter)
         for fd in fds:
             self._loop.add_reader(fd, self._wake)
+        timer = self._loop.call_later(timeout, _resolve, waiter, False) if timeout is not None else None
         try:
-            await waiter
+            return await waiter is not False
         finally:
+            if timer:
+                timer.cancel()
             self._waiters.discard(waiter)
             if self._fds:
                 for fd in fds:
@@ -526,6 +531,7 @@ class ShellRun:
         self._queue: collections.deque[RunEvent] = collections.deque(shell._take_between_runs())
         self._fds = list(shell._streams)
         self._turn = 0
+        self._quiet_told = False
         self.finished = False
 
     @property
@@ -542,10 +548,13 @@ class ShellRun:
         self.finished = isinstance(event, (Completed, Aborted))
         return event
 
-    async def next_event(self) -> RunEvent:
+    async def next_event(self, on_quiet: Callable[[], Awaitable[None]] | None = None) -> RunEvent:
+        """The next event. `on_quiet` is awaited once the run has been quiet for QUIET_S since the
+        last event: the moment for a caller that batches writes to send what it holds."""
         shell, run = self._shell, self._run
         while True:
             if self._queue:
+                self._quiet_told = False
                 return self._queue.popleft()
             status = shell._status_for(run)
             if status is not None or not shell.alive or not shell._fds:
@@ -555,8 +564,13 @@ class ShellRun:
                 continue
             output = self._read_some()
             if output is not None:
+                self._quiet_told = False
                 return output
-            await shell._wait(tuple(self._fds))
+            if on_quiet is None or self._quiet_told:
+                await shell._wait(tuple(self._fds))
+            elif not await shell._wait(tuple(self._fds), QUIET_S):
+                self._quiet_told = True
+                await on_quiet()
 
     def _read_some(self) -> Output | None:
         """One chunk from whichever stream has data, alternating so neither starves the other."""
@@ -571,6 +585,11 @@ class ShellRun:
                 self._fds.remove(fd)
                 return None
         return None
+
+
+def _resolve(future: asyncio.Future[object], value: object) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _read(fd: int, size: int) -> bytes | None:

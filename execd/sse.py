@@ -22,6 +22,8 @@ _JSON_PLAIN_NL_TAB = _JSON_PLAIN + b"\n\t"
 class Writer(Protocol):
     async def write(self, data: bytes) -> None: ...
 
+    async def write_eof(self, data: bytes = b"") -> None: ...
+
 
 def json_string(text: str) -> bytes:
     return json.dumps(text, ensure_ascii=False).encode()
@@ -57,8 +59,15 @@ class TextChunker:
         return text
 
 
+FLUSH_BYTES = 64 * 1024
+
+
 class RunStream:
-    """Writes one run's events: seq numbering, the output limit, pings while quiet."""
+    """Writes one run's events: seq numbering, the output limit, pings while quiet.
+
+    Events are batched: they go out when 64 KiB are waiting, when the caller says the run has gone
+    quiet (`flush`), and at the end, so a short run costs one write instead of three.
+    """
 
     def __init__(self, writer: Writer, run_id: str, max_output_bytes: int, ping_s: float) -> None:
         self._writer = writer
@@ -71,6 +80,8 @@ class RunStream:
         self._ping_s = ping_s
         self._last_write = time.monotonic()
         self._pinger: asyncio.Task[None] | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
 
     # ----- pings -----------------------------------------------------------------------------
 
@@ -88,12 +99,32 @@ class RunStream:
             await asyncio.sleep(max(0.0, self._last_write + self._ping_s - time.monotonic()))
             if time.monotonic() - self._last_write >= self._ping_s:
                 await self._write(PING)
+                await self.flush()
 
     # ----- events ----------------------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
         self._last_write = time.monotonic()
-        await self._writer.write(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= FLUSH_BYTES:
+            await self.flush()
+
+    def _take_pending(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        return data
+
+    async def flush(self) -> None:
+        """Send what is batched. Awaiting the write is the backpressure: a slow client slows us."""
+        if self._pending:
+            await self._writer.write(self._take_pending())
+
+    async def close(self) -> None:
+        """Send what is left and end the response, in one write."""
+        self.stop_pings()
+        await self._writer.write_eof(self._take_pending())
 
     def _encode(self, event: str, fields: bytes) -> bytes:
         seq = self._seq

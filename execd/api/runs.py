@@ -27,7 +27,7 @@ async def start_run(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         stream = RunStream(response, run_id, settings.max_output_bytes, settings.sse_ping_s)
         await stream_events(stream, active, session.id)
-        await response.write_eof()
+        await stream.close()
         return response
     finally:
         # The client went away (or writing failed): Ctrl-C the run and let it end unseen.
@@ -39,7 +39,8 @@ async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -
     await stream.send("init", session_id=session_id, text=active.run_id)
     stream.start_pings()
     try:
-        async for event in active:
+        while not active.finished:
+            event = await active.next_event(on_quiet=stream.flush)
             if isinstance(event, Completed):
                 await stream.flush_text()
                 await stream.send(
