@@ -65,6 +65,43 @@ def boot_ticks_now() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
 
 
+@dataclass(frozen=True)
+class Moment:
+    """A point in process-creation order: the boot clock in ticks and the last pid handed out.
+
+    Ticks alone are too coarse (10 ms): a background job started just before a run would pass for
+    one of the run's processes. Pids are handed out in increasing order, so within a tick or two
+    the last pid tells before from after; over longer spans the ticks do (pids wrap around).
+    """
+
+    ticks: int
+    last_pid: int
+
+
+@functools.cache
+def _last_pid_fd() -> int | None:
+    try:
+        return os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def now() -> Moment:
+    fd = _last_pid_fd()
+    last_pid = int(os.pread(fd, 16, 0)) if fd is not None else 0
+    return Moment(boot_ticks_now(), last_pid)
+
+
+def started_between(pid: int, after: Moment, before: Moment | None) -> bool:
+    """Whether process `pid` was created after `after` and (if given) before `before`."""
+    ticks = start_ticks(pid)
+    if ticks is None or ticks < after.ticks or (before is not None and ticks > before.ticks):
+        return False
+    if ticks <= after.ticks + 1 and after.last_pid and pid <= after.last_pid:
+        return False
+    return not (before is not None and ticks >= before.ticks - 1 and before.last_pid and pid > before.last_pid)
+
+
 def start_ticks(pid: int) -> int | None:
     """Start time of `pid` in ticks since boot, exact (psutil's create_time can be ~1 s off)."""
     try:

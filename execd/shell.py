@@ -134,8 +134,8 @@ class _Run:
     def __init__(self, run_id: str, seq: int) -> None:
         self.run_id = run_id
         self.seq = str(seq)
-        self.start_ticks = process.boot_ticks_now()
-        self.end_ticks: int | None = None
+        self.started = process.now()
+        self.ended: process.Moment | None = None
         self.interrupt_signal: signal.Signals | None = None
         self.timed_out = False
         self.escalations: list[asyncio.TimerHandle] = []
@@ -462,7 +462,7 @@ class Shell:
         return Aborted("SESSION_DIED", f"the shell was killed by {name}")
 
     def _end_run(self, run: _Run) -> None:
-        run.end_ticks = process.boot_ticks_now()
+        run.ended = process.now()
         self._run = None
         if self._dir and run.interrupt_signal is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -493,13 +493,10 @@ class Shell:
         return run.run_id
 
     def _run_processes(self, run: _Run, same_group_only: bool = False) -> list[int]:
-        """The shell's descendants that `run` started (older background jobs are left alone)."""
+        """The processes `run` started, escapees included (older background jobs are left alone)."""
         pids = []
-        for pid in process.descendants(self.pid):
-            ticks = process.start_ticks(pid)
-            if ticks is None or ticks < run.start_ticks:
-                continue
-            if run.end_ticks is not None and ticks > run.end_ticks:
+        for pid in process.session_processes(self.pid, self.config.session_id) - {self.pid}:
+            if not process.started_between(pid, run.started, run.ended):
                 continue
             if same_group_only:
                 try:
