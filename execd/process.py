@@ -199,7 +199,7 @@ def session_processes(shell_pid: int, tag: str, parents: dict[int, int] | None =
     return found
 
 
-def kill_session_tree(shell_pid: int, tag: str, keep: set[int], timeout_s: float = 2.0) -> bool:
+def kill_session_tree(shell_pid: int, tag: str, keep: set[int], timeout_s: float = 5.0) -> bool:
     """SIGKILL a shell's process group, its descendants that left it, and every tagged escapee;
     wait until they are dead and reap those that are our children (except the pids in `keep`,
     whose owners reap them). Blocking: call it from a thread. False if some survived `timeout_s`.
@@ -207,16 +207,22 @@ def kill_session_tree(shell_pid: int, tag: str, keep: set[int], timeout_s: float
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(shell_pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
-    # Something may fork between a listing and the kill: sweep until a pass finds nothing alive.
-    while True:
+    # Something may fork or exec between a listing and the kill (a process in the middle of exec
+    # may not show its environment for an instant): sweep until two passes 10 ms apart find
+    # nothing alive.
+    clean_passes = 0
+    while clean_passes < 2:
         victims = [pid for pid in session_processes(shell_pid, tag) if _alive(pid)]
-        if not victims:
-            reap_zombie_children(keep)
-            return True
+        if victims:
+            clean_passes = 0
+            signal_pids(victims, signal.SIGKILL)
+        else:
+            clean_passes += 1
         if time.monotonic() > deadline:
             return False
-        signal_pids(victims, signal.SIGKILL)
-        time.sleep(0.002)
+        time.sleep(0.01 if clean_passes else 0.002)
+    reap_zombie_children(keep)
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -28,7 +28,9 @@ from importlib import resources
 from typing import Literal
 
 from execd import process
+from execd.logging import get_logger
 
+log = get_logger("execd.shell")
 Stream = Literal["stdout", "stderr"]
 READ_SIZE = 64 * 1024
 QUIET_S = 0.002  # how long a run may be quiet before a batching caller is told to send
@@ -238,7 +240,9 @@ class Shell:
             self.abort = reason
         if self.pid:
             # The sweep reads /proc: off the event loop, so other sessions keep streaming.
-            await asyncio.to_thread(process.kill_session_tree, self.pid, self.config.session_id, {self.pid})
+            killed = await asyncio.to_thread(process.kill_session_tree, self.pid, self.config.session_id, {self.pid})
+            if not killed:
+                log.warning("session_processes_survived_kill", session_id=self.config.session_id)
             if self.returncode is None:
                 try:
                     await asyncio.wait_for(self._exited(), 2.0)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import re
 import time
 from typing import Any, Protocol
 
 PING = b": ping\n\n"
+TERMINAL_EVENTS = frozenset({"execution_complete", "error"})
 # Printable ASCII except the two characters JSON escapes: such text goes out as it is.
 _JSON_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 _JSON_PLAIN_NL_TAB = _JSON_PLAIN + b"\n\t"
@@ -25,7 +27,19 @@ class Writer(Protocol):
     async def write_eof(self, data: bytes = b"") -> None: ...
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def dumps(value: Any) -> str:
+    """JSON text that is always valid UTF-8: a lone surrogate (a path's undecodable byte) is U+FFFD."""
+    text = json.dumps(value, ensure_ascii=False)
+    if text.isascii():
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def json_string(text: str) -> bytes:
+    """A JSON string literal of text known to be valid Unicode (decoded output, ids, keys)."""
     return json.dumps(text, ensure_ascii=False).encode()
 
 
@@ -76,6 +90,7 @@ class RunStream:
         self._head = b',"run_id":%s' % json_string(run_id)
         self._budget = max_output_bytes
         self.output_truncated = False
+        self.terminal_sent = False
         self._chunkers = {"stdout": TextChunker(), "stderr": TextChunker()}
         self._ping_s = ping_s
         self._last_write = time.monotonic()
@@ -139,10 +154,10 @@ class RunStream:
         return frame(seq, event, body)
 
     async def send(self, event: str, **fields: Any) -> None:
-        extra = b"".join(
-            b",%s:%s" % (json_string(k), json.dumps(v, ensure_ascii=False).encode()) for k, v in fields.items()
-        )
+        extra = b"".join(b",%s:%s" % (json_string(k), dumps(v).encode()) for k, v in fields.items())
         await self._write(self._encode(event, extra))
+        if event in TERMINAL_EVENTS:
+            self.terminal_sent = True
 
     async def send_output(self, stream: str, data: bytes, *, final: bool = False, **fields: Any) -> None:
         """Send a chunk of output as `stdout`/`stderr`, within what the output limit leaves."""

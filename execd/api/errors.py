@@ -14,6 +14,7 @@ from execd.registry import (
     ShuttingDown,
     TooManySessions,
 )
+from execd.sse import dumps
 
 
 class ApiError(Exception):
@@ -35,8 +36,13 @@ class PayloadTooLarge(ApiError):
         super().__init__(413, "PAYLOAD_TOO_LARGE", message)
 
 
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """JSON that is valid UTF-8 even when a path held undecodable bytes (they become U+FFFD)."""
+    return web.json_response(data, status=status, dumps=dumps)
+
+
 def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"code": code, "message": message, **extra}, status=status)
+    return json_response({"code": code, "message": message, **extra}, status=status)
 
 
 def from_exception(exc: Exception) -> ApiError | None:

@@ -10,9 +10,11 @@ from aiohttp import web
 
 from execd.api.keys import REGISTRY, SETTINGS
 from execd.api.validation import interrupt_spec, read_json, run_spec
+from execd.logging import get_logger
 from execd.registry import Aborted, ActiveRun, Completed, RunRequest
 from execd.sse import RunStream
 
+log = get_logger("execd.api")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -26,7 +28,16 @@ async def start_run(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         stream = RunStream(response, run_id, settings.max_output_bytes, settings.sse_ping_s)
-        await stream_events(stream, active, session.id)
+        try:
+            await stream_events(stream, active, session.id)
+        except Exception as exc:
+            if isinstance(exc, ConnectionError) or stream.terminal_sent:
+                raise
+            # A bug: the headers are sent, so the stream still ends with its one terminal event,
+            # written once the run has ended (the session is idle again by then).
+            log.exception("run_stream_failed", session_id=session.id, run_id=run_id)
+            await active.abandon()
+            await stream.send("error", **error_fields("INTERNAL", f"internal error: {type(exc).__name__}"))
         await stream.close()
         return response
     finally:
@@ -55,12 +66,7 @@ async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -
                 )
             elif isinstance(event, Aborted):
                 await stream.flush_text()
-                await stream.send(
-                    "error",
-                    code=event.code,
-                    message=event.message,
-                    error={"ename": event.code, "evalue": event.message, "traceback": []},
-                )
+                await stream.send("error", **error_fields(event.code, event.message))
             elif event.between_runs:
                 extra: dict[str, Any] = {"between_runs": True}
                 if event.dropped_bytes:
@@ -70,6 +76,11 @@ async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -
                 await stream.send_output(event.stream, event.data)
     finally:
         stream.stop_pings()
+
+
+def error_fields(code: str, message: str) -> dict[str, Any]:
+    """An `error` event's fields; `error` is the shape OpenSandbox clients read."""
+    return {"code": code, "message": message, "error": {"ename": code, "evalue": message, "traceback": []}}
 
 
 async def interrupt_run(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from execd.api.errors import json_response
 from execd.api.keys import REGISTRY, SETTINGS
 from execd.api.validation import read_json, session_spec
 
@@ -13,21 +14,21 @@ from execd.api.validation import read_json, session_spec
 async def create_session(request: web.Request) -> web.Response:
     spec = session_spec(await read_json(request, request.app[SETTINGS].max_body_bytes))
     session = await request.app[REGISTRY].create(spec.cwd, spec.env, spec.idle_timeout_s, spec.labels)
-    return web.json_response(session.to_dict())  # 200, not 201: the OpenSandbox SDKs accept only 200
+    return json_response(session.to_dict())  # 200, not 201: the OpenSandbox SDKs accept only 200
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    return web.json_response({"sessions": [s.to_dict() for s in request.app[REGISTRY].sessions.values()]})
+    return json_response({"sessions": [s.to_dict() for s in request.app[REGISTRY].sessions.values()]})
 
 
 async def get_session(request: web.Request) -> web.Response:
     session = request.app[REGISTRY].get(request.match_info["session_id"])
     resources = await asyncio.to_thread(session.resources)
-    return web.json_response({**session.to_dict(), "resources": resources})
+    return json_response({**session.to_dict(), "resources": resources})
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[REGISTRY].delete(request.match_info["session_id"]))
+    return json_response(await request.app[REGISTRY].delete(request.match_info["session_id"]))
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

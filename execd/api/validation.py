@@ -15,6 +15,7 @@ from aiohttp import web
 
 from execd.api.errors import InvalidRequest, PayloadTooLarge
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 
@@ -63,6 +64,7 @@ class Fields:
             raise InvalidRequest(f"{name!r} must be a string")
         if "\0" in value:
             raise InvalidRequest(f"{name!r} must not contain NUL characters")
+        _check_unicode(name, value)
         return value
 
     def number(self, name: str, value: Any = None, *, integer: bool = False) -> float | None:
@@ -88,7 +90,14 @@ class Fields:
                 raise InvalidRequest(f"{name}[{key!r}] must not contain NUL characters")
             if env_names and not ENV_NAME.match(key):
                 raise InvalidRequest(f"{name}: {key!r} is not a valid variable name")
+            _check_unicode(f"{name}[{key!r}]", key + item)
         return dict(value)
+
+
+def _check_unicode(name: str, value: str) -> None:
+    """A lone surrogate (JSON allows "\\ud800") is no character: it can be neither run nor shown."""
+    if not value.isascii() and LONE_SURROGATE.search(value):
+        raise InvalidRequest(f"{name!r} must be valid Unicode (it holds a lone surrogate)")
 
 
 def _is_integral(value: float) -> bool:
