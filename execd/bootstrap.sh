@@ -1,110 +1,122 @@
 # Sourced (via BASH_ENV) by every session shell before it reads its first command.
 # It defines the daemon's wrapper; execd/shell.py writes one line per run that calls it:
-#   { \__execd_pre SEQ PRELUDE; } 2>/dev/null; \__execd_rc PREV && \builtin source CODE <IN; { \__execd_post; } 2>/dev/null
-# Every function ends with `return 0` and uses ${v-}, because the user's `set -e` / `set -u` persist.
+#   { \__execd_pre SEQ PRELUDE; } 2>/dev/null; \__execd_rc PREV && \builtin source CODE <IN;
+#   { \__execd_post; \builtin trap -p ERR; \builtin printf '\0'; } 2>/dev/null >|DIR/status
+# Rules, because the user's shell state persists around them: every function ends with
+# `builtin return 0` and reads variables as ${v-} (set -e, set -u); every builtin is called as
+# `builtin x` (users define functions named cd, export, printf...); every local is named __execd_*
+# (a local named like a user variable would shadow it while the wrapper restores it).
 unset BASH_ENV
 __execd_dir=$__EXECD_DIR
-unset __EXECD_DIR
-shopt -s expand_aliases   # aliases work as they do at a prompt
+builtin unset __EXECD_DIR
+builtin shopt -s expand_aliases   # aliases work as they do at a prompt
 declare -gA __execd_saved_values=() __execd_saved_attrs=()
 __execd_seq=
 __execd_intr=
+__execd_last=
 __execd_user_debug=
 __execd_user_extdebug=
 
 # Hands a status back as $? so the user's code starts with the previous run's $?.
-__execd_rc() { return "$1"; }
+__execd_rc() { builtin return "$1"; }
 
 # Per-run env: remember the old value, export flag and unset-ness, then export the new value.
 __execd_setenv() {
+  # Assigning a read-only variable would end a non-interactive shell: leave such a name alone.
+  if [[ ${!1@a} == *r* ]]; then builtin return 0; fi
   if [[ -v $1 ]]; then
     __execd_saved_values[$1]=${!1}
     __execd_saved_attrs[$1]="set:${!1@a}"
   else
     __execd_saved_attrs[$1]=unset
   fi
-  export "$1=$2"
-  return 0
+  builtin export -- "$1=$2"
+  builtin return 0
 }
 
 __execd_restore_env() {
-  local name attrs
-  for name in "${!__execd_saved_attrs[@]}"; do
-    attrs=${__execd_saved_attrs[$name]}
-    if [[ $attrs == unset ]]; then
-      unset "$name"
+  local __execd_name __execd_attrs
+  for __execd_name in "${!__execd_saved_attrs[@]}"; do
+    __execd_attrs=${__execd_saved_attrs[$__execd_name]}
+    if [[ $__execd_attrs == unset ]]; then
+      builtin unset -v -- "$__execd_name" || :
     else
-      export -n "$name"
-      builtin printf -v "$name" '%s' "${__execd_saved_values[$name]}"
-      [[ $attrs == *x* ]] && export "$name"
+      builtin export -n -- "$__execd_name" || :
+      builtin printf -v "$__execd_name" '%s' "${__execd_saved_values[$__execd_name]}" || :
+      if [[ $__execd_attrs == *x* ]]; then builtin export -- "$__execd_name" || :; fi
     fi
   done
   __execd_saved_values=()
   __execd_saved_attrs=()
-  return 0
+  builtin return 0
 }
 
 # The daemon writes "SEQ SIGNAL" to $__execd_dir/interrupt, then sends SIGUSR2. The interrupt only
 # counts for the run it names, so a late signal never stops the next run.
 __execd_check_interrupt() {
-  local IFS=$' \t\n' seq sig
-  { builtin read -r seq sig <"$__execd_dir/interrupt"; } 2>/dev/null || return 0
-  [[ -n $__execd_seq && $seq == "$__execd_seq" && -z $__execd_intr ]] || return 0
-  __execd_intr=$sig
-  if [[ $sig == INT ]]; then __execd_run_user_int_trap; fi
+  local IFS=$' \t\n' __execd_iseq __execd_isig
+  { builtin read -r __execd_iseq __execd_isig <"$__execd_dir/interrupt"; } 2>/dev/null || builtin return 0
+  if [[ -z $__execd_seq || $__execd_iseq != "$__execd_seq" || -n $__execd_intr ]]; then builtin return 0; fi
+  __execd_intr=$__execd_isig
+  if [[ $__execd_isig == INT ]]; then __execd_run_user_int_trap; fi
   # From here on every command of the user's code returns at once (extdebug: DEBUG status 2 = return).
-  __execd_user_debug=$(trap -p DEBUG)
-  if shopt -q extdebug; then __execd_user_extdebug=1; else __execd_user_extdebug=; fi
-  shopt -s extdebug
-  trap '\__execd_unwind' DEBUG
-  return 0
+  __execd_user_debug=$(builtin trap -p DEBUG)
+  if builtin shopt -q extdebug; then __execd_user_extdebug=1; else __execd_user_extdebug=; fi
+  builtin shopt -s extdebug
+  builtin trap '\__execd_unwind' DEBUG
+  builtin return 0
 }
 
 __execd_run_user_int_trap() {
-  local handler
-  handler=$(trap -p INT)
-  [[ -n $handler ]] || return 0
-  eval "set -- $handler"
-  [[ -n ${3-} ]] && eval "$3"
-  return 0
+  local __execd_handler
+  __execd_handler=$(builtin trap -p INT)
+  [[ -n $__execd_handler ]] || builtin return 0
+  builtin eval "builtin set -- $__execd_handler"
+  if [[ -n ${3-} ]]; then builtin eval "$3"; fi
+  builtin return 0
 }
 
 __execd_unwind() {
   if [[ -n $__execd_intr ]] && (( ${#FUNCNAME[@]} > 1 )) && [[ ${FUNCNAME[1]} != __execd_* ]]; then
-    return 2
+    builtin return 2
   fi
-  return 0
+  builtin return 0
 }
 
 __execd_clear_interrupt() {
-  [[ -n $__execd_intr ]] || return 0
+  [[ -n $__execd_intr ]] || builtin return 0
   __execd_intr=
-  trap - DEBUG
-  [[ -n $__execd_user_debug ]] && eval "$__execd_user_debug"
-  [[ -n $__execd_user_extdebug ]] || shopt -u extdebug
-  return 0
+  builtin trap - DEBUG
+  if [[ -n $__execd_user_debug ]]; then builtin eval "$__execd_user_debug"; fi
+  if [[ -z $__execd_user_extdebug ]]; then builtin shopt -u extdebug; fi
+  builtin return 0
 }
 
 __execd_pre() {
   __execd_seq=$1
-  [[ $2 == 1 ]] && builtin source "$__execd_dir/prelude"
-  [[ -e $__execd_dir/interrupt ]] && __execd_check_interrupt
-  return 0
+  __execd_last=
+  if [[ $2 == 1 ]]; then builtin source "$__execd_dir/prelude"; fi
+  if [[ -e $__execd_dir/interrupt ]]; then __execd_check_interrupt; fi
+  builtin return 0
 }
 
-# Reports "SEQ STATUS FLAGS PWD" (NUL-terminated) on the private FIFO that only the daemon reads.
+# Reports SEQ, STATUS, FLAGS and PWD, each NUL-terminated, on stdout, which the run's line sends
+# to the private FIFO that only the daemon reads, followed by `trap -p ERR` (at top level: a
+# function does not see the ERR trap). With an ERR trap the code file ends by saving $? in
+# __execd_last, so that `source` itself returns 0 and the trap does not fire twice.
 __execd_post() {
-  local status=$? flags=$-
-  set +xv
+  local __execd_status=$? __execd_flags=$-
+  builtin set +xv
+  if [[ -n $__execd_last && $__execd_status == 0 ]]; then __execd_status=$__execd_last; fi
   __execd_restore_env
   __execd_clear_interrupt
-  builtin printf '%s\t%s\t%s\t%s\0' "$__execd_seq" "$status" "$flags" "$PWD" >|"$__execd_dir/status"
+  builtin printf '%s\0%s\0%s\0%s\0' "$__execd_seq" "$__execd_status" "$__execd_flags" "$PWD"
   __execd_seq=
-  return 0
+  builtin return 0
 }
 
-trap '\__execd_check_interrupt' USR2
-[[ -n ${__EXECD_NOFILE-} ]] && ulimit -Sn "$__EXECD_NOFILE" 2>/dev/null
-builtin cd -- "$__EXECD_CWD" || exit 97
-unset __EXECD_CWD __EXECD_NOFILE
-builtin printf '%s\t%s\t%s\t%s\0' ready 0 "$-" "$PWD" >|"$__execd_dir/status"
+builtin trap '\__execd_check_interrupt' USR2
+if [[ -n ${__EXECD_NOFILE-} ]]; then builtin ulimit -Sn "$__EXECD_NOFILE" 2>/dev/null; fi
+builtin cd -- "$__EXECD_CWD" || builtin exit 97
+builtin unset __EXECD_CWD __EXECD_NOFILE
+builtin printf '%s\0%s\0%s\0%s\0\0' ready 0 "$-" "$PWD" >|"$__execd_dir/status"

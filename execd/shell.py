@@ -118,6 +118,14 @@ class _Status:
     exit_code: int
     flags: str
     cwd: str
+    err_trap: bool
+
+    FIELDS = 5  # as bootstrap.sh writes them, each NUL-terminated
+
+    @classmethod
+    def parse(cls, fields: list[bytes]) -> _Status:
+        seq, code, flags, cwd, err_trap = (f.decode(errors="surrogateescape") for f in fields)
+        return cls(seq, int(code), flags, cwd, bool(err_trap))
 
 
 def shell_environment(base: Mapping[str, str], session_id: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -163,6 +171,7 @@ class Shell:
         self._seq = 0
         self._last_exit_code = 0
         self._flags = ""
+        self._err_trap = False
         self._between: collections.deque[tuple[Stream, bytes]] = collections.deque()
         self._between_size = 0
         self._between_dropped = 0
@@ -180,7 +189,7 @@ class Shell:
             await self.close(Aborted("SESSION_DIED", "the shell could not start"))
             raise ShellStartFailed(f"the shell could not start: {exc}") from exc
         status = self._statuses.popleft()
-        self.cwd, self._flags = status.cwd, status.flags
+        self.cwd, self._flags, self._err_trap = status.cwd, status.flags, status.err_trap
 
     def _spawn(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="execd-")
@@ -304,10 +313,17 @@ class Shell:
         except BlockingIOError:
             return
         self._status_buffer += data
-        *records, self._status_buffer = self._status_buffer.split(b"\0")
-        for record in records:
-            seq, code, flags, cwd = record.decode(errors="surrogateescape").split("\t", 3)
-            self._statuses.append(_Status(seq, int(code), flags, cwd))
+        fields = self._status_buffer.split(b"\0")
+        complete = (len(fields) - 1) // _Status.FIELDS * _Status.FIELDS
+        self._status_buffer = b"\0".join(fields[complete:])
+        for i in range(0, complete, _Status.FIELDS):
+            try:
+                self._statuses.append(_Status.parse(fields[i : i + _Status.FIELDS]))
+            except ValueError:
+                # Only the wrapper writes here; a garbled record must not stop the event loop.
+                log.error(
+                    "status_record_invalid", session_id=self.config.session_id, record=fields[i : i + _Status.FIELDS]
+                )
         self._wake()
 
     async def _next_status(self) -> None:
@@ -408,8 +424,13 @@ class Shell:
         self._run = run
 
     def _write_code(self, code: str) -> None:
-        prefix = "set -" + "".join(f for f in "xv" if f in self._flags) + ";" if set("xv") & set(self._flags) else ""
-        data = (prefix + code).encode(errors="surrogateescape")
+        # `set -x`/`-v` are switched off around the wrapper and back on as the code's first words.
+        traced = "".join(f for f in "xv" if f in self._flags)
+        prefix = f"set -{traced};" if traced else ""
+        # With an ERR trap, `source` must not return the code's failing status (the trap would fire
+        # twice); the status travels in __execd_last instead.
+        suffix = "\n{ __execd_last=$?; } 2>/dev/null\n" if self._err_trap else ""
+        data = (prefix + code + suffix).encode(errors="surrogateescape")
         fd = self._fds["code"]
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
@@ -428,7 +449,8 @@ class Shell:
         if request.cwd is not None:
             source = f"\\builtin cd -- {shlex.quote(request.cwd)} && {{ {source}; }}"
         pre = f"{{ \\__execd_pre {run.seq} {int(bool(prelude))}; }} 2>/dev/null"
-        return f"{pre}; {source}; {{ \\__execd_post; }} 2>/dev/null\n"
+        post = f"{{ \\__execd_post; \\builtin trap -p ERR; \\builtin printf '\\0'; }} 2>/dev/null >|{self._dir}/status"
+        return f"{pre}; {source}; {post}\n"
 
     def _status_for(self, run: _Run) -> _Status | None:
         while self._statuses:
@@ -453,7 +475,7 @@ class Shell:
     def _finish(self, run: _Run, status: _Status | None) -> Completed | Aborted:
         interrupted = run.interrupt_signal is not None
         if status is not None:
-            self.cwd, self._flags = status.cwd, status.flags
+            self.cwd, self._flags, self._err_trap = status.cwd, status.flags, status.err_trap
             code = 128 + run.interrupt_signal if run.interrupt_signal else status.exit_code
             self._last_exit_code = code
             return Completed(code, interrupted, run.timed_out, self.cwd, shell_exited=False)
