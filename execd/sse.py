@@ -57,6 +57,11 @@ def escape_ascii(data: bytes) -> bytes:
     return json_string(data.decode("ascii"))
 
 
+def _literal(raw: bytes) -> bytes:
+    """JSON string literal of valid UTF-8 bytes."""
+    return escape_ascii(raw) if raw.isascii() else json_string(raw.decode())
+
+
 class TextChunker:
     """Turns one stream's bytes into text chunks that never split a UTF-8 character."""
 
@@ -159,12 +164,21 @@ class RunStream:
         if event in TERMINAL_EVENTS:
             self.terminal_sent = True
 
-    async def send_output(self, stream: str, data: bytes, *, final: bool = False, **fields: Any) -> None:
-        """Send a chunk of output as `stdout`/`stderr`, within what the output limit leaves."""
+    async def send_output(
+        self, stream: str, data: bytes, *, final: bool = False, between_runs: bool = False, **fields: Any
+    ) -> None:
+        """Send a chunk of output as `stdout`/`stderr`, within what the output limit leaves.
+
+        Output that arrived between runs is sent whole and does not count toward the limit.
+        """
         chunk = self._chunkers[stream].feed(data, final)
         if not chunk:
             return
-        literal = self._limit(chunk)
+        if between_runs:
+            fields = {"between_runs": True, **fields}
+            literal: bytes | None = _literal(chunk if isinstance(chunk, bytes) else chunk.encode())
+        else:
+            literal = self._limit(chunk)
         if literal is None:
             return
         extra = b"".join(b",%s:%s" % (json_string(k), json.dumps(v).encode()) for k, v in fields.items())
@@ -182,9 +196,7 @@ class RunStream:
             self._budget = 0
         else:
             self._budget -= len(raw)
-        if not raw:
-            return None
-        return escape_ascii(raw) if raw.isascii() else json_string(raw.decode())
+        return _literal(raw) if raw else None
 
     async def flush_text(self) -> None:
         """At the end of a run: what an incomplete UTF-8 sequence left behind becomes U+FFFD."""

@@ -434,6 +434,25 @@ async def test_output_between_runs_arrives_after_the_next_init(daemon: Daemon, t
     assert not [e for e in third.events if e.data.get("between_runs")]
 
 
+async def test_output_between_runs_does_not_count_toward_the_output_limit(
+    make_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    daemon = await make_daemon(max_output_bytes=10)
+    session = await daemon.create()
+    sid = session["session_id"]
+    go, done = tmp_path / "go", tmp_path / "done"
+    await daemon.run(sid, f"(while [ ! -e {go} ]; do sleep 0.01; done; echo between-runs-output; touch {done}) &")
+    go.touch()
+    await wait_for(done.exists)
+    await daemon.client.get("/healthz")
+    result = await daemon.run(sid, "echo 0123456789abc")
+    between = "".join(e.data["text"] for e in result.events if e.data.get("between_runs"))
+    own = "".join(e.data["text"] for e in result.of("stdout") if not e.data.get("between_runs"))
+    assert between == "between-runs-output\n"
+    assert own == "0123456789"
+    assert result.complete["output_truncated"] is True
+
+
 async def test_between_runs_buffer_keeps_the_newest_bytes_and_counts_dropped(
     make_daemon: DaemonFactory, tmp_path: Path
 ) -> None:

@@ -67,13 +67,10 @@ async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -
             elif isinstance(event, Aborted):
                 await stream.flush_text()
                 await stream.send("error", **error_fields(event.code, event.message))
-            elif event.between_runs:
-                extra: dict[str, Any] = {"between_runs": True}
-                if event.dropped_bytes:
-                    extra["dropped_bytes"] = event.dropped_bytes
-                await stream.send_output(event.stream, event.data, **extra)
+            elif event.dropped_bytes:
+                await stream.send_output(event.stream, event.data, between_runs=True, dropped_bytes=event.dropped_bytes)
             else:
-                await stream.send_output(event.stream, event.data)
+                await stream.send_output(event.stream, event.data, between_runs=event.between_runs)
     finally:
         stream.stop_pings()
 
