@@ -505,6 +505,9 @@ class Shell:
         run = self._run
         if run is None or (run_id is not None and run_id != run.run_id):
             raise NoActiveRun("no run in progress" if run is None else f"run {run_id} is not in progress")
+        if not self.alive or not self._fds:
+            # The shell is gone (its pid may already belong to another process): the run is ending.
+            raise NoActiveRun("the run is ending: its shell is gone")
         if run.interrupt_signal is None:
             run.interrupt_signal = sig
             run.timed_out = timed_out

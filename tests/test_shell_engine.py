@@ -1,0 +1,28 @@
+"""The engine without HTTP: execd.shell.Shell driven directly, for races the API cannot time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from execd.shell import Aborted, NoActiveRun, RunRequest, Shell, ShellConfig
+from tests.conftest import assert_no_processes
+
+
+async def test_interrupt_after_the_shell_is_gone_signals_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shell = Shell(ShellConfig(session_id=f"engine-{os.getpid()}-{id(tmp_path)}", cwd="/", env=dict(os.environ)))
+    await shell.start()
+    run = shell.run(RunRequest("sleep 100"), "run-1")
+    # Closed while the run is on, before its reader has seen the end (a timeout can fire right then).
+    await shell.close(Aborted("SESSION_CLOSED", "closed"))
+    with pytest.raises(NoActiveRun):
+        shell.interrupt()
+    assert os.listdir(tmp_path) == []
+    events = [event async for event in run]
+    assert events[-1] == Aborted("SESSION_CLOSED", "closed")
+    assert_no_processes({shell.config.session_id})
