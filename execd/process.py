@@ -12,7 +12,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import psutil
@@ -129,12 +129,14 @@ def ppid_map() -> dict[int, int]:
     return parents
 
 
-def descendants(pid: int, parents: dict[int, int] | None = None) -> list[int]:
-    """Every live descendant of `pid`, parents before their children."""
-    parents = ppid_map() if parents is None else parents
+def _children_map(parents: Mapping[int, int]) -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for child, parent in parents.items():
         children.setdefault(parent, []).append(child)
+    return children
+
+
+def _subtree(pid: int, children: Mapping[int, list[int]]) -> list[int]:
     found: list[int] = []
     stack = list(children.get(pid, ()))
     while stack:
@@ -142,6 +144,11 @@ def descendants(pid: int, parents: dict[int, int] | None = None) -> list[int]:
         found.append(child)
         stack.extend(children.get(child, ()))
     return found
+
+
+def descendants(pid: int, parents: Mapping[int, int] | None = None) -> list[int]:
+    """Every live descendant of `pid`."""
+    return _subtree(pid, _children_map(ppid_map() if parents is None else parents))
 
 
 def tag_of(pid: int) -> str | None:
@@ -158,19 +165,6 @@ def tag_of(pid: int) -> str | None:
     return None
 
 
-def pids_tagged(tags: Iterable[str]) -> list[int]:
-    """Every process on the machine whose environment carries one of `tags`."""
-    wanted = set(tags)
-    if not wanted:
-        return []
-    own = os.getpid()
-    found = []
-    for pid in psutil.pids():
-        if pid != own and tag_of(pid) in wanted:
-            found.append(pid)
-    return found
-
-
 def signal_pids(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -179,40 +173,51 @@ def signal_pids(pids: Iterable[int], sig: int) -> None:
             pass
 
 
-def session_processes(shell_pid: int, tag: str, parents: dict[int, int] | None = None) -> set[int]:
-    """The shell, its descendants, and every process that left its tree but carries its tag.
+# Children this process spawned and reaps itself (session shells, the watchdog). Process-wide on
+# purpose: it describes this process's children, whichever daemon in it spawned them. The orphan
+# reaper leaves them alone, and a sweep for escapees does not mistake them for one.
+owned_children: set[int] = set()
+
+
+def session_processes(shells: Mapping[int, str], parents: Mapping[int, int] | None = None) -> set[int]:
+    """Every process of these sessions (shell pid -> session tag): the shells, their descendants,
+    and every process that left a shell's tree but carries one of the tags.
 
     As a child subreaper the daemon adopts escapees (setsid, double fork), so they are found among
-    its own children; without that the whole machine is scanned for the tag.
+    its own children; without that the whole machine is scanned for the tags.
     """
     parents = ppid_map() if parents is None else parents
-    found = {shell_pid, *descendants(shell_pid, parents)}
-    if is_subreaper():
-        own = os.getpid()
-        candidates = [pid for pid, parent in parents.items() if parent == own and pid != shell_pid]
-    else:
-        candidates = list(parents)
+    children = _children_map(parents)
+    found: set[int] = set()
+    for shell in shells:
+        found.add(shell)
+        found.update(_subtree(shell, children))
+    tags = set(shells.values())
+    candidates = children.get(os.getpid(), []) if is_subreaper() else list(parents)
     for pid in candidates:
-        if pid not in found and tag_of(pid) == tag:
+        if pid not in found and pid not in owned_children and tag_of(pid) in tags:
             found.add(pid)
-            found.update(descendants(pid, parents))
+            found.update(_subtree(pid, children))
     return found
 
 
-def kill_session_tree(shell_pid: int, tag: str, keep: set[int], timeout_s: float = 5.0) -> bool:
-    """SIGKILL a shell's process group, its descendants that left it, and every tagged escapee;
-    wait until they are dead and reap those that are our children (except the pids in `keep`,
-    whose owners reap them). Blocking: call it from a thread. False if some survived `timeout_s`.
+def kill_sessions(shells: Mapping[int, str], timeout_s: float = 5.0) -> bool:
+    """SIGKILL these sessions' process groups, their descendants that left them, and every tagged
+    escapee; wait until all are dead and reap those that are our children (shells excepted: their
+    owners reap them). One pass over /proc serves every session, so a shutdown of a thousand
+    sessions costs a few scans, not a thousand. Blocking: call it from a thread. False if some
+    process survived `timeout_s`.
     """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(shell_pid, signal.SIGKILL)
+    for shell in shells:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(shell, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
     # Something may fork or exec between a listing and the kill (a process in the middle of exec
     # may not show its environment for an instant): sweep until two passes 10 ms apart find
     # nothing alive.
     clean_passes = 0
     while clean_passes < 2:
-        victims = [pid for pid in session_processes(shell_pid, tag) if _alive(pid)]
+        victims = [pid for pid in session_processes(shells) if _alive(pid)]
         if victims:
             clean_passes = 0
             signal_pids(victims, signal.SIGKILL)
@@ -221,7 +226,7 @@ def kill_session_tree(shell_pid: int, tag: str, keep: set[int], timeout_s: float
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01 if clean_passes else 0.002)
-    reap_zombie_children(keep)
+    reap_zombie_children()
     return True
 
 
@@ -234,18 +239,16 @@ def _alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
-def reap_zombie_children(keep: set[int]) -> list[int]:
-    """Reap exited children not in `keep` (orphans re-parented to us as subreaper or PID 1).
-
-    Only zombies are waited for, by pid, so the exit status of a live child we own is never taken.
-    """
+def reap_zombie_children() -> list[int]:
+    """Reap exited children that are not ours to reap (orphans re-parented to us as subreaper or
+    PID 1). Only zombies are waited for, by pid, so no owner loses an exit status to us."""
     reaped: list[int] = []
     try:
         children = psutil.Process().children()
     except psutil.Error:
         return reaped
     for child in children:
-        if child.pid in keep:
+        if child.pid in owned_children:
             continue
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
@@ -267,7 +270,7 @@ class Usage:
 
 def usage(shell_pid: int, tag: str) -> Usage:
     """Resources summed over a shell's tree plus every escapee that carries its tag."""
-    pids = session_processes(shell_pid, tag)
+    pids = session_processes({shell_pid: tag})
     count, rss, cpu = 0, 0, 0.0
     for pid in pids:
         try:

@@ -6,16 +6,16 @@ import asyncio
 import enum
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-
-import anyio
 
 from execd import process
 from execd.logging import get_logger
@@ -194,6 +194,7 @@ class ActiveRun:
         self.run_id = shell_run.run_id
         self._shell_run = shell_run
         self.finished = False
+        self._abandoning: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(timeout_s, self._on_timeout) if timeout_s else None
 
@@ -245,17 +246,26 @@ class ActiveRun:
                 self.registry.clean_up_later(session)
 
     async def abandon(self) -> None:
-        """The client is gone: interrupt the run and let it end, discarding its output."""
+        """The client is gone: interrupt the run and let it end, discarding its output.
+
+        The work runs in a task of its own: the handler that calls this may be cancelled at any
+        moment (aiohttp cancels it when the connection drops), and a run left half-read would keep
+        its session busy forever.
+        """
         if self.finished:
             return
-        with anyio.CancelScope(shield=True):
-            try:
-                self.session.shell.interrupt(signal.SIGINT, self.run_id)
-                log.info("run_interrupted", session_id=self.session.id, run_id=self.run_id, cause="client_gone")
-            except NoActiveRun:
-                pass
-            async for _ in self:
-                pass
+        if self._abandoning is None:
+            self._abandoning = self.registry.spawn(self._end_unseen())
+        await asyncio.shield(self._abandoning)
+
+    async def _end_unseen(self) -> None:
+        try:
+            self.session.shell.interrupt(signal.SIGINT, self.run_id)
+            log.info("run_interrupted", session_id=self.session.id, run_id=self.run_id, cause="client_gone")
+        except NoActiveRun:
+            pass
+        async for _ in self:
+            pass
 
 
 class Registry:
@@ -267,19 +277,31 @@ class Registry:
         self.shutting_down = False
         self._cleanups: set[asyncio.Task[None]] = set()
         self._watchdog: subprocess.Popen[bytes] | None = None
+        self.base_dir: str | None = None  # holds every session's private dir
 
     # ----- lifecycle of the registry ---------------------------------------------------------
 
-    def start_watchdog(self) -> None:
-        """A separate process that kills every session's processes if this daemon dies."""
+    def start(self) -> None:
+        """Make the sessions' base dir and start the watchdog."""
+        self.base_dir = tempfile.mkdtemp(prefix=f"execd-{os.getpid()}-")
+        # A separate process that kills every session's processes if this daemon dies, and
+        # removes the base dir; in a session of its own, so a kill of our process group spares it.
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-m", "execd.watchdog"],
+            [sys.executable, "-m", "execd.watchdog", self.base_dir],
             stdin=subprocess.PIPE,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": _package_root()},
         )
+        process.owned_children.add(self._watchdog.pid)
+
+    def stop(self) -> None:
+        """After shutdown: stop the watchdog (it finds nothing left to kill) and the base dir."""
+        self.stop_watchdog()
+        if self.base_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            self.base_dir = None
 
     def _tell_watchdog(self, line: str) -> None:
         if self._watchdog and self._watchdog.stdin:
@@ -297,15 +319,9 @@ class Registry:
                 self._watchdog.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self._watchdog.kill()
+                self._watchdog.wait()
+            process.owned_children.discard(self._watchdog.pid)
             self._watchdog = None
-
-    @property
-    def own_pids(self) -> set[int]:
-        """Children this daemon spawned and reaps itself (the orphan reaper leaves them alone)."""
-        pids = {s.shell.pid for s in self.sessions.values() if s.shell.pid}
-        if self._watchdog:
-            pids.add(self._watchdog.pid)
-        return pids
 
     # ----- sessions --------------------------------------------------------------------------
 
@@ -329,6 +345,7 @@ class Registry:
                 interrupt_grace_s=self.config.interrupt_grace_ms / 1000,
                 between_runs_bytes=self.config.between_runs_bytes,
                 fd_limit=self.config.shell_fd_limit,
+                base_dir=self.base_dir,
             )
         )
         timeout = self.config.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
@@ -406,14 +423,19 @@ class Registry:
             self.clean_up_later(session)
 
     def clean_up_later(self, session: Session) -> None:
-        task = asyncio.get_running_loop().create_task(self._clean_up(session, None))
+        self.spawn(self._clean_up(session, None))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A background task that shutdown waits for (and that nothing garbage-collects early)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        return task
 
-    async def _clean_up(self, session: Session, reason: Aborted | None) -> None:
+    async def _clean_up(self, session: Session, reason: Aborted | None, *, killed: bool = False) -> None:
         if session.closed.is_set():
             return
-        await session.shell.close(reason)
+        await session.shell.close(reason, killed=killed)
         self._tell_watchdog("-" + session.id)
         session.closed.set()
 
@@ -456,17 +478,26 @@ class Registry:
         live = [s for s in self.sessions.values() if s.state.live]
         if live:
             log.info("sessions_closing_for_shutdown", count=len(live))
-        async with anyio.create_task_group() as tg:
-            for session in live:
-                tg.start_soon(self.close, session, "shutdown", "SHUTTING_DOWN")
+        reason = Aborted("SHUTTING_DOWN", "the daemon is shutting down")
+        for session in live:
+            session.transition(SessionState.CLOSING, "shutdown")
+            session.shell.set_abort(reason)
+        # One sweep of /proc for all of them: closing a thousand sessions one by one takes minutes.
+        shells = {s.shell.pid: s.id for s in live if s.shell.pid}
+        if shells and not await asyncio.to_thread(process.kill_sessions, shells):
+            log.warning("session_processes_survived_kill", sessions=len(shells))
+        await asyncio.gather(*(self._clean_up(s, reason, killed=True) for s in live))
+        for session in live:
+            session.transition(SessionState.CLOSED)
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 
     def kill_all_now(self) -> None:
         """Last resort (a second signal): kill every shell without waiting for anything."""
-        for session in self.sessions.values():
-            if session.state.live or not session.closed.is_set():
-                session.shell.kill(Aborted("SHUTTING_DOWN", "the daemon is shutting down"))
+        pending = [s for s in self.sessions.values() if not s.closed.is_set()]
+        process.kill_sessions({s.shell.pid: s.id for s in pending if s.shell.pid}, timeout_s=0.5)
+        for session in pending:
+            session.shell.kill(Aborted("SHUTTING_DOWN", "the daemon is shutting down"), killed=True)
 
 
 def _package_root() -> str:

@@ -110,6 +110,7 @@ class ShellConfig:
     between_runs_bytes: int = 1024 * 1024
     start_timeout_s: float = 10.0
     fd_limit: int | None = None  # the soft RLIMIT_NOFILE the shell gets (the daemon's may be higher)
+    base_dir: str | None = None  # where the private dir goes (one per daemon, so it is easy to sweep)
 
 
 @dataclass
@@ -192,7 +193,7 @@ class Shell:
         self.cwd, self._flags, self._err_trap = status.cwd, status.flags, status.err_trap
 
     def _spawn(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="execd-")
+        self._dir = tempfile.mkdtemp(prefix="session-", dir=self.config.base_dir)
         fifo = os.path.join(self._dir, "status")
         os.mkfifo(fifo, 0o600)
         # O_RDWR: opening never blocks and the FIFO never reads EOF while the shell reopens it.
@@ -230,6 +231,7 @@ class Shell:
         finally:
             for fd in (stdin_r, stdout_w, stderr_w):
                 os.close(fd)
+        process.owned_children.add(self.pid)
         self._fds["pidfd"] = os.pidfd_open(self.pid)
         self._loop.add_reader(self._fds["pidfd"], self._on_pidfd)
         self._loop.add_reader(self._fds["status"], self._on_status)
@@ -243,15 +245,21 @@ class Shell:
     def running_run_id(self) -> str | None:
         return self._run.run_id if self._run else None
 
-    async def close(self, reason: Aborted | None) -> None:
-        """Kill the shell and every process the session started, reap the shell, release every fd."""
+    def set_abort(self, reason: Aborted | None) -> None:
+        """Say why the daemon is about to kill the shell: the run in progress ends with it."""
         if reason is not None and self.abort is None and self.alive:
             self.abort = reason
+
+    async def close(self, reason: Aborted | None, *, killed: bool = False) -> None:
+        """Kill the shell and every process the session started (unless the caller already has,
+        for many sessions at once), reap the shell, release every fd."""
+        self.set_abort(reason)
         if self.pid:
-            # The sweep reads /proc: off the event loop, so other sessions keep streaming.
-            killed = await asyncio.to_thread(process.kill_session_tree, self.pid, self.config.session_id, {self.pid})
             if not killed:
-                log.warning("session_processes_survived_kill", session_id=self.config.session_id)
+                # The sweep reads /proc: off the event loop, so other sessions keep streaming.
+                shells = {self.pid: self.config.session_id}
+                if not await asyncio.to_thread(process.kill_sessions, shells):
+                    log.warning("session_processes_survived_kill", session_id=self.config.session_id)
             if self.returncode is None:
                 try:
                     await asyncio.wait_for(self._exited(), 2.0)
@@ -259,12 +267,12 @@ class Shell:
                     self._reap(block=True)
         self._release()
 
-    def kill(self, reason: Aborted | None) -> None:
-        """Like close, without waiting for anything: for start-up failures and a forced exit."""
-        if reason is not None and self.abort is None and self.alive:
-            self.abort = reason
+    def kill(self, reason: Aborted | None, *, killed: bool = False) -> None:
+        """Like close, without waiting for anything: for a forced exit."""
+        self.set_abort(reason)
         if self.pid:
-            process.kill_session_tree(self.pid, self.config.session_id, {self.pid}, timeout_s=0.5)
+            if not killed:
+                process.kill_sessions({self.pid: self.config.session_id}, timeout_s=0.5)
             if self.returncode is None:
                 self._reap(block=True)
         self._release()
@@ -299,6 +307,7 @@ class Shell:
         if pid == 0:
             return
         self.returncode = os.waitstatus_to_exitcode(status)
+        process.owned_children.discard(self.pid)
         if "pidfd" in self._fds:
             self._loop.remove_reader(self._fds["pidfd"])
         self._wake()
@@ -524,7 +533,7 @@ class Shell:
     def _run_processes(self, run: _Run, same_group_only: bool = False) -> list[int]:
         """The processes `run` started, escapees included (older background jobs are left alone)."""
         pids = []
-        for pid in process.session_processes(self.pid, self.config.session_id) - {self.pid}:
+        for pid in process.session_processes({self.pid: self.config.session_id}) - {self.pid}:
             if not process.started_between(pid, run.started, run.ended):
                 continue
             if same_group_only:

@@ -1,14 +1,16 @@
 """A tiny process that outlives the daemon for one purpose: if the daemon dies, kill its sessions.
 
 The daemon starts it in a session of its own (so a kill of the daemon's process group spares it)
-and writes `+ID` / `-ID` lines on its stdin as sessions open and close. When the pipe reaches EOF,
-the daemon is gone, cleanly or not: every process whose environment carries one of the open
-session ids is killed, escapees included. Only the standard library, so it starts fast.
+with the daemon's base dir as argument, and writes `+ID` / `-ID` lines on its stdin as sessions
+open and close. When the pipe reaches EOF, the daemon is gone, cleanly or not: every process whose
+environment carries one of the open session ids is killed, escapees included, and the base dir
+(the sessions' private files) is removed. Only the standard library, so it starts fast.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 
@@ -56,6 +58,8 @@ def main() -> None:
         elif line.startswith(b"-"):
             session_ids.discard(line[1:])
     sweep(session_ids)
+    if len(sys.argv) > 1 and os.path.basename(sys.argv[1]).startswith("execd-"):
+        shutil.rmtree(sys.argv[1], ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ async def _registry_context(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     if settings.reap_orphans:
         process.become_subreaper()
-        loop.add_signal_handler(signal.SIGCHLD, lambda: process.reap_zombie_children(registry.own_pids))
-    registry.start_watchdog()
+        loop.add_signal_handler(signal.SIGCHLD, process.reap_zombie_children)
+    registry.start()
     reaper = loop.create_task(registry.reaper_loop())
     if not settings.access_token:
         log.warning("authentication_disabled", hint="set EXECD_ACCESS_TOKEN or --access-token")
@@ -99,10 +99,10 @@ async def _registry_context(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
     await registry.shutdown()
-    registry.stop_watchdog()
+    registry.stop()
     if settings.reap_orphans:
         loop.remove_signal_handler(signal.SIGCHLD)
-        process.reap_zombie_children(registry.own_pids)
+        process.reap_zombie_children()
 
 
 async def _end_sessions_first(app: web.Application) -> None:
