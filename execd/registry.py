@@ -109,8 +109,8 @@ class RegistryConfig:
     shell_fd_limit: int | None = None
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _rfc3339(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Session:
@@ -122,7 +122,7 @@ class Session:
         self.idle_timeout_s = idle_timeout_s
         self.labels = dict(labels)
         self.state = SessionState.STARTING
-        self.created_at = self.last_active_at = _now()
+        self.created_at = self.last_active_at = time.time()  # formatted only when shown
         self.last_active = time.monotonic()
         self.ended_at: float | None = None
         self.run_count = 0
@@ -146,7 +146,7 @@ class Session:
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
-        self.last_active_at = _now()
+        self.last_active_at = time.time()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,8 +155,8 @@ class Session:
             "pid": self.shell.pid or None,
             "cwd": self.shell.cwd,
             "labels": self.labels,
-            "created_at": self.created_at,
-            "last_active_at": self.last_active_at,
+            "created_at": _rfc3339(self.created_at),
+            "last_active_at": _rfc3339(self.last_active_at),
             "idle_timeout_s": self.idle_timeout_s,
             "run_count": self.run_count,
             "current_run_id": self.current_run_id,
@@ -387,7 +387,7 @@ class Registry:
         session.current_run_id = run_id
         session.run_count += 1
         session.touch()
-        log.info("run_started", session_id=session.id, run_id=run_id)
+        log.debug("run_started", session_id=session.id, run_id=run_id)
         log.debug("run_code", session_id=session.id, run_id=run_id, code=request.code)
         return ActiveRun(self, session, shell_run, effective_ms / 1000 if effective_ms > 0 else None)
 

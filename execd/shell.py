@@ -177,6 +177,8 @@ class Shell:
         self._between_size = 0
         self._between_dropped = 0
         self._streams: dict[int, Stream] = {}
+        self._paused: set[int] = set()  # output fds whose reader is off until someone waits for them
+        self._streams_at_eof: set[int] = set()
         self._closing: asyncio.Task[None] | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -235,7 +237,8 @@ class Shell:
         self._fds["pidfd"] = os.pidfd_open(self.pid)
         self._loop.add_reader(self._fds["pidfd"], self._on_pidfd)
         self._loop.add_reader(self._fds["status"], self._on_status)
-        self._watch_idle_output(True)
+        for fd in self._streams:
+            self._loop.add_reader(fd, self._on_output, fd)
 
     @property
     def alive(self) -> bool:
@@ -283,9 +286,10 @@ class Shell:
 
     def _release(self) -> None:
         for name, fd in list(self._fds.items()):
-            if name in ("pidfd", "status", "stdout", "stderr"):
+            if name in ("pidfd", "status", "stdout", "stderr") and fd not in self._paused:
                 self._loop.remove_reader(fd)
             os.close(fd)
+        self._paused.clear()
         self._fds.clear()
         self._streams.clear()
         if self._dir:
@@ -354,7 +358,7 @@ class Shell:
         waiter = self._loop.create_future()
         self._waiters.add(waiter)
         for fd in fds:
-            self._loop.add_reader(fd, self._wake)
+            self._resume(fd)
         timer = self._loop.call_later(timeout, _resolve, waiter, False) if timeout is not None else None
         try:
             return await waiter is not False
@@ -362,24 +366,41 @@ class Shell:
             if timer:
                 timer.cancel()
             self._waiters.discard(waiter)
-            if self._fds:
-                for fd in fds:
-                    self._loop.remove_reader(fd)
 
-    # ----- output between runs ---------------------------------------------------------------
+    # ----- output ----------------------------------------------------------------------------
+    # The output fds keep their reader registered (no epoll changes for a run that prints little).
+    # While a run is on, data is read by the run when its consumer asks: a reader that fires while
+    # nobody waits is paused, or the loop would spin on a pipe it must not drain (backpressure).
 
-    def _watch_idle_output(self, on: bool) -> None:
-        for fd in self._streams:
-            if on:
-                self._loop.add_reader(fd, self._drain_idle, fd)
-            else:
-                self._loop.remove_reader(fd)
+    def _on_output(self, fd: int) -> None:
+        if self._run is None:
+            self._drain_idle(fd)
+        elif any(not waiter.done() for waiter in self._waiters):
+            self._wake()
+        else:
+            self._pause(fd)
+
+    def _pause(self, fd: int) -> None:
+        if fd not in self._paused and fd in self._streams:
+            self._loop.remove_reader(fd)
+            self._paused.add(fd)
+
+    def _resume(self, fd: int) -> None:
+        if fd in self._paused:
+            self._paused.discard(fd)
+            self._loop.add_reader(fd, self._on_output, fd)
+
+    def _stop_watching(self, fd: int) -> None:
+        """EOF on an output pipe: every writer is gone, and an EOF is always 'readable'."""
+        self._pause(fd)
+        self._paused.discard(fd)
+        self._streams_at_eof.add(fd)
 
     def _drain_idle(self, fd: int) -> None:
         data = _read(fd, READ_SIZE)
         if not data:
-            if data is not None:  # EOF: every writer is gone
-                self._loop.remove_reader(fd)
+            if data is not None:
+                self._stop_watching(fd)
             return
         self._between.append((self._streams[fd], data))
         self._between_size += len(data)
@@ -429,7 +450,6 @@ class Shell:
             _write_all(self._fds["stdin"], line.encode())
         except BrokenPipeError as exc:
             raise ShellGone("the shell has ended") from exc
-        self._watch_idle_output(False)
         self._run = run
 
     def _write_code(self, code: str) -> None:
@@ -502,8 +522,8 @@ class Shell:
         if self._dir and run.interrupt_signal is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._dir, "interrupt"))
-        if self._fds:
-            self._watch_idle_output(True)
+        for fd in list(self._paused):
+            self._resume(fd)  # between runs, output is drained as it comes
 
     # ----- interrupts ------------------------------------------------------------------------
 
@@ -564,7 +584,7 @@ class ShellRun:
         self._shell = shell
         self._run = run
         self._queue: collections.deque[RunEvent] = collections.deque(shell._take_between_runs())
-        self._fds = list(shell._streams)
+        self._fds = [fd for fd in shell._streams if fd not in shell._streams_at_eof]
         self._turn = 0
         self._quiet_told = False
         self.finished = False
@@ -618,6 +638,7 @@ class ShellRun:
                 return Output(self._shell._streams[fd], data)
             if data is not None:  # EOF: no writer is left on this stream
                 self._fds.remove(fd)
+                self._shell._stop_watching(fd)
                 return None
         return None
 
