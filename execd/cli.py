@@ -32,7 +32,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def serve(settings: Settings) -> int:
     """Serve until a signal; then stop taking work, end runs, close sessions, exit within the grace."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None)
+    # The whole stop must fit in the grace: aiohttp's own wait for open connections gets half of
+    # it, and whatever is still running at 80% is killed outright.
+    grace = settings.shutdown_grace_s
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace * 0.5, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
@@ -54,9 +57,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
     try:
-        await asyncio.wait_for(runner.cleanup(), settings.shutdown_grace_s)
+        await asyncio.wait_for(runner.cleanup(), grace * 0.8)
     except TimeoutError:
-        log.warning("shutdown_grace_expired", grace_s=settings.shutdown_grace_s)
+        log.warning("shutdown_grace_expired", grace_s=grace)
         app[REGISTRY].kill_all_now()
     log.info("stopped")
     return 0

@@ -129,26 +129,55 @@ def ppid_map() -> dict[int, int]:
     return parents
 
 
-def _children_map(parents: Mapping[int, int]) -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for child, parent in parents.items():
-        children.setdefault(parent, []).append(child)
-    return children
+@functools.cache
+def _has_children_files() -> bool:
+    return os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
-def _subtree(pid: int, children: Mapping[int, list[int]]) -> list[int]:
+def _children_from_files(pid: int) -> list[int]:
+    """A process's children, from /proc/PID/task/*/children (each thread lists its own)."""
     found: list[int] = []
-    stack = list(children.get(pid, ()))
-    while stack:
-        child = stack.pop()
-        found.append(child)
-        stack.extend(children.get(child, ()))
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue
     return found
 
 
-def descendants(pid: int, parents: Mapping[int, int] | None = None) -> list[int]:
+class Tree:
+    """Who is whose child, right now. Reads only the part of /proc it is asked about when the
+    kernel has children files (a few reads per session, whatever else runs on the machine);
+    otherwise one pass over all of /proc."""
+
+    def __init__(self) -> None:
+        if _has_children_files():
+            self.children = _children_from_files
+        else:
+            by_parent: dict[int, list[int]] = {}
+            for child, parent in ppid_map().items():
+                by_parent.setdefault(parent, []).append(child)
+            self.children = lambda pid: by_parent.get(pid, [])
+
+    def subtree(self, pid: int) -> list[int]:
+        """Every live descendant of `pid`."""
+        found: list[int] = []
+        stack = list(self.children(pid))
+        while stack:
+            child = stack.pop()
+            found.append(child)
+            stack.extend(self.children(child))
+        return found
+
+
+def descendants(pid: int) -> list[int]:
     """Every live descendant of `pid`."""
-    return _subtree(pid, _children_map(ppid_map() if parents is None else parents))
+    return Tree().subtree(pid)
 
 
 def tag_of(pid: int) -> str | None:
@@ -179,25 +208,24 @@ def signal_pids(pids: Iterable[int], sig: int) -> None:
 owned_children: set[int] = set()
 
 
-def session_processes(shells: Mapping[int, str], parents: Mapping[int, int] | None = None) -> set[int]:
+def session_processes(shells: Mapping[int, str]) -> set[int]:
     """Every process of these sessions (shell pid -> session tag): the shells, their descendants,
     and every process that left a shell's tree but carries one of the tags.
 
     As a child subreaper the daemon adopts escapees (setsid, double fork), so they are found among
     its own children; without that the whole machine is scanned for the tags.
     """
-    parents = ppid_map() if parents is None else parents
-    children = _children_map(parents)
+    tree = Tree()
     found: set[int] = set()
     for shell in shells:
         found.add(shell)
-        found.update(_subtree(shell, children))
+        found.update(tree.subtree(shell))
     tags = set(shells.values())
-    candidates = children.get(os.getpid(), []) if is_subreaper() else list(parents)
+    candidates = tree.children(os.getpid()) if is_subreaper() else psutil.pids()
     for pid in candidates:
         if pid not in found and pid not in owned_children and tag_of(pid) in tags:
             found.add(pid)
-            found.update(_subtree(pid, children))
+            found.update(tree.subtree(pid))
     return found
 
 
@@ -243,21 +271,14 @@ def reap_zombie_children() -> list[int]:
     """Reap exited children that are not ours to reap (orphans re-parented to us as subreaper or
     PID 1). Only zombies are waited for, by pid, so no owner loses an exit status to us."""
     reaped: list[int] = []
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return reaped
-    for child in children:
-        if child.pid in owned_children:
+    for pid in Tree().children(os.getpid()):
+        if pid in owned_children or _alive(pid):
             continue
         try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                continue
-            pid, _ = os.waitpid(child.pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                reaped.append(pid)
+        except ChildProcessError:
             continue
-        if pid:
-            reaped.append(pid)
     return reaped
 
 

@@ -1,0 +1,326 @@
+"""Helpers for the control tests (interrupts, cleanup, daemon lifecycle): streaming SSE reads,
+process probes by session tag, and a daemon started as a real subprocess.
+
+Every probe works on real processes through /proc and psutil: no mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from aiohttp import ClientResponse
+
+from execd.process import tag_of
+from tests.conftest import Event, assert_no_processes
+
+REPO = Path(__file__).resolve().parent.parent
+TERMINAL = ("execution_complete", "error")
+
+
+# ----- streaming SSE --------------------------------------------------------------------------
+
+
+class EventStream:
+    """Reads one run's SSE stream event by event, as it arrives (the conftest reader waits for EOF)."""
+
+    def __init__(self, response: ClientResponse) -> None:
+        self.response = response
+        self.events: list[Event] = []
+        self.terminal_at: float | None = None  # time.perf_counter() when the terminal event was read
+
+    async def next(self, timeout: float = 30.0) -> Event:
+        return await asyncio.wait_for(self._next(), timeout)
+
+    async def _next(self) -> Event:
+        lines: list[str] = []
+        while True:
+            raw = await self.response.content.readline()
+            if not raw:
+                raise EOFError(f"stream ended after {[e.type for e in self.events]}")
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                continue
+            if line:
+                lines.append(line)
+                continue
+            if not lines:
+                continue
+            assert len(lines) == 3, lines
+            data = json.loads(lines[2][len("data: ") :])
+            event = Event(type=lines[1][len("event: ") :], id=int(lines[0][len("id: ") :]), data=data)
+            assert data["type"] == event.type and data["seq"] == event.id
+            self.events.append(event)
+            return event
+
+    async def until_terminal(self, timeout: float = 30.0) -> Event:
+        """Read until the terminal event; then the stream must end cleanly (no event after it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.next(max(0.01, deadline - time.monotonic()))
+            if event.type in TERMINAL:
+                self.terminal_at = time.perf_counter()
+                rest = await asyncio.wait_for(self.response.content.read(), 10)
+                assert not [b for b in rest.split(b"\n\n") if b.strip() and not b.startswith(b":")], rest
+                return event
+
+    async def until_stdout(self, needle: str, timeout: float = 30.0) -> str:
+        """Read events until the run's stdout so far contains `needle` (chunks may split lines)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.stdout:
+            event = await self.next(max(0.01, deadline - time.monotonic()))
+            assert event.type not in TERMINAL, self.events
+        return self.stdout
+
+    def text(self, stream: str) -> str:
+        return "".join(e.data["text"] for e in self.events if e.type == stream)
+
+    @property
+    def stdout(self) -> str:
+        return self.text("stdout")
+
+
+async def open_run(client: Any, session_id: str, code: str, **body: Any) -> EventStream:
+    """POST a run and read its `init` event; the caller reads the rest (or drops the connection)."""
+    response = await client.post(f"/session/{session_id}/run", json={"code": code, **body})
+    assert response.status == 200, await response.text()
+    stream = EventStream(response)
+    init = await stream.next()
+    assert init.type == "init", init
+    return stream
+
+
+# ----- processes ------------------------------------------------------------------------------
+
+
+def is_live(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def session_processes(session_id: str) -> list[psutil.Process]:
+    """Live processes whose environment carries this session's tag (shell, jobs, escapees)."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid != os.getpid() and tag_of(proc.pid) == session_id and is_live(proc.pid):
+            found.append(proc)
+    return found
+
+
+def cmdlines(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for proc in procs:
+        try:
+            out.append(" ".join(proc.cmdline()))
+        except psutil.Error:
+            pass
+    return out
+
+
+def session_commands(session_id: str) -> list[str]:
+    return cmdlines(session_processes(session_id))
+
+
+def run_children(shell_pid: int, name: str) -> list[psutil.Process]:
+    """Live descendants of the shell named `name` (e.g. the `sleep` a run started)."""
+    try:
+        children = psutil.Process(shell_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for child in children:
+        try:
+            if child.name() == name and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child)
+        except psutil.Error:
+            pass
+    return out
+
+
+def reap_zombie_children() -> None:
+    """Reap zombies re-parented to the test process (it may be a subreaper after an in-process daemon)."""
+    for child in psutil.Process().children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            pass
+
+
+def kill_tagged(session_ids: set[str]) -> list[str]:
+    """Last-resort teardown sweep: SIGKILL whatever still carries these tags; say what it found."""
+    left = []
+    for proc in psutil.process_iter():
+        if proc.pid != os.getpid() and tag_of(proc.pid) in session_ids and is_live(proc.pid):
+            left.extend(cmdlines([proc]))
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+    return left
+
+
+async def poll(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll until `condition` is truthy; fail with `what` (and the last value) after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+# ----- a daemon as a real subprocess ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DaemonProcess:
+    """`python -m execd serve` on a free port, with an aiohttp client session pointed at it."""
+
+    def __init__(self, env: dict[str, str], new_session: bool = False) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="execd-control-", suffix=".log", delete=False)  # noqa: SIM115
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
+        full_env.update({"EXECD_LOG_FORMAT": "json", "EXECD_INTERRUPT_GRACE_MS": "500", **env})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
+        self.http: aiohttp.ClientSession | None = None
+        self.session_ids: set[str] = set()
+
+    async def started(self, timeout: float = 15.0) -> DaemonProcess:
+        self.http = aiohttp.ClientSession(self.base)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"the daemon exited at start: {self.log_text()}"
+            try:
+                async with self.http.get("/healthz") as response:
+                    if response.status == 200:
+                        return self
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the daemon did not answer within {timeout}s: {self.log_text()}")
+            await asyncio.sleep(0.05)
+
+    def log_text(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    async def create(self, **body: Any) -> dict[str, Any]:
+        assert self.http is not None
+        async with self.http.post("/session", json=body) as response:
+            assert response.status == 200, await response.text()
+            session: dict[str, Any] = await response.json()
+        self.session_ids.add(session["session_id"])
+        return session
+
+    async def run(self, session_id: str, code: str, **body: Any) -> EventStream:
+        assert self.http is not None
+        stream = await open_run(self.http, session_id, code, **body)
+        await stream.until_terminal()
+        return stream
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        """The daemon's exit status, or None if it is still running after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.02)
+        return self.proc.returncode
+
+    async def stop(self) -> list[str]:
+        """Teardown: kill the daemon if it still runs, sweep its sessions, reap; return leftovers."""
+        if self.http is not None:
+            await self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        # Give the watchdog its chance first; whatever it missed is a finding, then killed.
+        deadline = time.monotonic() + 5
+        while session_ids_alive(self.session_ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = kill_tagged(self.session_ids)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            reap_zombie_children()
+            if not session_ids_alive(self.session_ids) and not any(_zombie(c) for c in psutil.Process().children()):
+                break
+            await asyncio.sleep(0.02)
+        self.log.close()
+        os.unlink(self.log.name)
+        return left
+
+
+def _zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def session_ids_alive(session_ids: set[str]) -> list[int]:
+    return [
+        p.pid for p in psutil.process_iter() if p.pid != os.getpid() and tag_of(p.pid) in session_ids and is_live(p.pid)
+    ]
+
+
+async def subprocess_daemons() -> AsyncIterator[Callable[..., Any]]:
+    """Body of the `daemon_process` fixture (test_control_daemon.py): start `execd serve`
+    subprocesses; teardown kills them and proves nothing of theirs is left.
+
+    Never use together with the in-process `daemon` fixture in one test: that daemon reaps zombie
+    children of the test process, and would take the subprocess's exit status.
+    """
+    daemons: list[DaemonProcess] = []
+
+    async def start(new_session: bool = False, **env: str) -> DaemonProcess:
+        daemon = DaemonProcess({k: str(v) for k, v in env.items()}, new_session)
+        daemons.append(daemon)
+        return await daemon.started()
+
+    yield start
+    leftovers: list[str] = []
+    ids: set[str] = set()
+    for daemon in daemons:
+        leftovers.extend(await daemon.stop())
+        ids |= daemon.session_ids
+    assert_no_processes(ids)
+    assert not leftovers, f"processes of the subprocess daemon's sessions outlived it: {leftovers}"
