@@ -7,7 +7,8 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -73,4 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"execd: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_format, settings.log_level)
-    return asyncio.run(serve(settings))
+    return run_loop(serve(settings), settings.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
+    """Run on asyncio, or on uvloop when asked for (the `fast` extra)."""
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise SystemExit("execd: --event-loop uvloop needs the `fast` extra (pip install 'execd[fast]')") from None
+        return uvloop.run(main)
+    if choice != "asyncio":
+        raise SystemExit(f"execd: --event-loop must be asyncio or uvloop, not {choice!r}")
+    return asyncio.run(main)

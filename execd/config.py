@@ -26,6 +26,7 @@ class Settings:
     log_format: str = "auto"  # auto: console in a terminal, JSON otherwise
     log_level: str = "info"
     reap_orphans: bool = True  # be a child subreaper and reap what re-parents to us
+    event_loop: str = "asyncio"  # or uvloop (the `fast` extra): see README, Performance
 
     @staticmethod
     def env_name(name: str) -> str:

@@ -462,13 +462,16 @@ class Registry:
             for session in sorted(ended, key=lambda s: s.ended_at or 0)[:excess]:
                 self.sessions.pop(session.id, None)
 
-    async def reaper_loop(self, max_period_s: float = 1.0) -> None:
+    async def reaper_loop(self, max_period_s: float = 1.0, *, reap_orphans: bool = False) -> None:
         """Check every second, or more often when a timeout is short (a 0.5 s timeout is kept
-        within about an eighth of a second)."""
+        within about an eighth of a second). Also reaps orphans that exited by themselves, for
+        event loops that do not let us handle SIGCHLD."""
         while True:
             timeouts = [s.idle_timeout_s for s in self.sessions.values() if s.idle_timeout_s > 0]
             await asyncio.sleep(min([max_period_s, *(max(0.05, t / 4) for t in timeouts)]))
             await self.reap_idle()
+            if reap_orphans:
+                process.reap_zombie_children()
 
     # ----- shutdown --------------------------------------------------------------------------
 

@@ -517,7 +517,8 @@ class Shell:
         return Aborted("SESSION_DIED", f"the shell was killed by {name}")
 
     def _end_run(self, run: _Run) -> None:
-        run.ended = process.now()
+        if run.interrupt_signal is not None:
+            run.ended = process.now()  # bounds the escalation that may still be pending
         self._run = None
         if self._dir and run.interrupt_signal is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -32,7 +32,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 def dumps(value: Any) -> str:
     """JSON text that is always valid UTF-8: a lone surrogate (a path's undecodable byte) is U+FFFD."""
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     if text.isascii():
         return text
     return _LONE_SURROGATE.sub("\ufffd", text)
@@ -100,26 +100,40 @@ class RunStream:
         self._ping_s = ping_s
         self._last_write = time.monotonic()
         self._pinger: asyncio.Task[None] | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
 
     # ----- pings -----------------------------------------------------------------------------
 
+    # A timer, not a task per run: most runs end long before their first ping is due.
+
     def start_pings(self) -> None:
         if self._ping_s > 0:
-            self._pinger = asyncio.get_running_loop().create_task(self._ping_while_quiet())
+            self._arm_ping(self._ping_s)
 
     def stop_pings(self) -> None:
+        if self._ping_timer:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         if self._pinger:
             self._pinger.cancel()
             self._pinger = None
 
-    async def _ping_while_quiet(self) -> None:
-        while True:
-            await asyncio.sleep(max(0.0, self._last_write + self._ping_s - time.monotonic()))
-            if time.monotonic() - self._last_write >= self._ping_s:
-                await self._write(PING)
-                await self.flush()
+    def _arm_ping(self, delay: float) -> None:
+        self._ping_timer = asyncio.get_running_loop().call_later(delay, self._on_ping_timer)
+
+    def _on_ping_timer(self) -> None:
+        quiet_for = time.monotonic() - self._last_write
+        if quiet_for < self._ping_s:
+            self._arm_ping(self._ping_s - quiet_for)
+            return
+        self._pinger = asyncio.get_running_loop().create_task(self._ping())
+        self._arm_ping(self._ping_s)
+
+    async def _ping(self) -> None:
+        await self._write(PING)
+        await self.flush()
 
     # ----- events ----------------------------------------------------------------------------
 
@@ -159,7 +173,8 @@ class RunStream:
         return frame(seq, event, body)
 
     async def send(self, event: str, **fields: Any) -> None:
-        extra = b"".join(b",%s:%s" % (json_string(k), dumps(v).encode()) for k, v in fields.items())
+        # One dumps of the whole object, spliced after the common fields: `{"a":1}` -> `,"a":1`.
+        extra = b"," + dumps(fields).encode()[1:-1] if fields else b""
         await self._write(self._encode(event, extra))
         if event in TERMINAL_EVENTS:
             self.terminal_sent = True

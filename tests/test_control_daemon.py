@@ -77,11 +77,17 @@ def session_commands_of(session_ids: set[str]) -> list[str]:
     return commands
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("sig", "event_loop"),
+    [(signal.SIGTERM, "asyncio"), (signal.SIGINT, "asyncio"), (signal.SIGTERM, "uvloop")],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-uvloop"],
+)
 async def test_signal_to_daemon_ends_runs_with_shutting_down_and_exits_0(
-    daemon_process: object, sig: signal.Signals
+    daemon_process: object, sig: signal.Signals, event_loop: str
 ) -> None:
-    daemon, streams = await prepared_daemon(daemon_process, EXECD_SHUTDOWN_GRACE_S=str(SHUTDOWN_GRACE_S))
+    daemon, streams = await prepared_daemon(
+        daemon_process, EXECD_SHUTDOWN_GRACE_S=str(SHUTDOWN_GRACE_S), EXECD_EVENT_LOOP=event_loop
+    )
     probe = aiohttp.ClientSession(daemon.base)  # holds a keep-alive connection opened before the signal
     try:
         async with probe.get("/healthz") as response:

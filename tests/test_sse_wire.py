@@ -157,3 +157,12 @@ async def test_quiet_run_sends_ping_comments(make_daemon: DaemonFactory) -> None
     assert raw.startswith(b"id: 0\nevent: init\n")
     frames(raw)  # pings never break a frame
     assert result.stdout == "start\nend\n"
+
+
+async def test_event_json_is_compact(daemon: Daemon) -> None:
+    session = await daemon.create()
+    result = await daemon.run(session["session_id"], "echo out; echo err >&2")
+    for line in result.raw.decode().splitlines():
+        if line.startswith("data: "):
+            body = line[len("data: ") :]
+            assert body == json.dumps(json.loads(body), ensure_ascii=False, separators=(",", ":"))

@@ -86,11 +86,16 @@ async def _registry_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     registry = app[REGISTRY]
     loop = asyncio.get_running_loop()
+    on_sigchld = False
     if settings.reap_orphans:
         process.become_subreaper()
-        loop.add_signal_handler(signal.SIGCHLD, process.reap_zombie_children)
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, process.reap_zombie_children)
+            on_sigchld = True
+        except RuntimeError:
+            pass  # uvloop keeps SIGCHLD for itself: orphans are then reaped by the periodic pass
     registry.start()
-    reaper = loop.create_task(registry.reaper_loop())
+    reaper = loop.create_task(registry.reaper_loop(reap_orphans=settings.reap_orphans))
     if not settings.access_token:
         log.warning("authentication_disabled", hint="set EXECD_ACCESS_TOKEN or --access-token")
     log.info("daemon_started", version=__version__)
@@ -100,8 +105,9 @@ async def _registry_context(app: web.Application) -> AsyncIterator[None]:
         await reaper
     await registry.shutdown()
     registry.stop()
-    if settings.reap_orphans:
+    if on_sigchld:
         loop.remove_signal_handler(signal.SIGCHLD)
+    if settings.reap_orphans:
         process.reap_zombie_children()
 
 
