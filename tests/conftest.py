@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import time
@@ -146,7 +147,7 @@ def assert_no_processes(session_ids: set[str], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         alive = [p for p in tagged_processes(session_ids) if _is_live(p)]
-        zombies = [c for c in psutil.Process().children() if _is_zombie(c)]
+        zombies = [c for c in psutil.Process().children() if is_zombie(c)]
         if not alive and not zombies:
             return
         if time.monotonic() > deadline:
@@ -161,22 +162,27 @@ def _is_live(proc: psutil.Process) -> bool:
         return False
 
 
-def _is_zombie(proc: psutil.Process) -> bool:
+def is_zombie(proc: psutil.Process) -> bool:
     try:
         return proc.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
-async def wait_for(condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll `condition` until it is truthy (no fixed sleeps: the machines are shared and noisy)."""
+async def wait_for(
+    condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition", interval: float = 0.01
+) -> Any:
+    """Poll `condition` (plain or async) until it is truthy and return its value: no fixed sleeps,
+    the machines are shared and noisy. Fails naming `what` and the last value after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"{what}: not met within {timeout}s (last: {value!r})")
         await asyncio.sleep(interval)
 
 

@@ -24,7 +24,7 @@ import psutil
 from aiohttp import ClientResponse
 
 from execd.process import tag_of
-from tests.conftest import Event, assert_no_processes
+from tests.conftest import Event, assert_no_processes, is_zombie
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = ("execution_complete", "error")
@@ -174,18 +174,6 @@ def kill_tagged(session_ids: set[str]) -> list[str]:
     return left
 
 
-async def poll(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll until `condition` is truthy; fail with `what` (and the last value) after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
@@ -281,19 +269,12 @@ class DaemonProcess:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             reap_zombie_children()
-            if not session_ids_alive(self.session_ids) and not any(_zombie(c) for c in psutil.Process().children()):
+            if not session_ids_alive(self.session_ids) and not any(is_zombie(c) for c in psutil.Process().children()):
                 break
             await asyncio.sleep(0.02)
         self.log.close()
         os.unlink(self.log.name)
         return left
-
-
-def _zombie(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def session_ids_alive(session_ids: set[str]) -> list[int]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -104,15 +102,3 @@ async def get_session(daemon: Daemon, session_id: str) -> dict[str, Any]:
     response = await daemon.client.get(f"/session/{session_id}")
     assert response.status == 200, await response.text()
     return await response.json()  # type: ignore[no-any-return]
-
-
-async def poll(condition: Callable[[], Awaitable[Any]], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Like `wait_for`, for a condition that needs the daemon (an HTTP request): its truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)

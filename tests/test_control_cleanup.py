@@ -18,7 +18,8 @@ import pytest
 
 from execd.process import tag_of
 from tests.conftest import Daemon, DaemonFactory, assert_no_processes
-from tests.helpers_control import is_live, open_run, poll, run_children, session_commands, session_processes
+from tests.conftest import wait_for as poll
+from tests.helpers_control import is_live, open_run, run_children, session_commands, session_processes
 
 
 async def get(daemon: Daemon, session_id: str) -> tuple[int, dict[str, Any]]:
@@ -29,17 +30,6 @@ async def get(daemon: Daemon, session_id: str) -> tuple[int, dict[str, Any]]:
 async def state(daemon: Daemon, session_id: str) -> str | None:
     status, body = await get(daemon, session_id)
     return body["state"] if status == 200 else None
-
-
-async def poll_async(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout}s (last: {value!r})")
-        await asyncio.sleep(0.02)
 
 
 # ----- client disconnect -------------------------------------------------------------------------
@@ -64,7 +54,7 @@ async def test_client_disconnect_interrupts_the_run_and_the_session_goes_on(
         await stream.until_stdout("y" if code.startswith("yes") else "x")
     stream.response.close()  # the client goes away mid-run
     await poll(lambda: not psutil.Process(session["pid"]).children(recursive=True), 10, "the run's processes died")
-    await poll_async(lambda: _is(daemon, sid, "idle"), 10, "session idle again")
+    await poll(lambda: _is(daemon, sid, "idle"), 10, "session idle again")
     after = await daemon.run(sid, "echo $? $KEPT")
     assert after.stdout == "130 still-here\n"
     assert after.complete["interrupted"] is False
@@ -85,7 +75,7 @@ async def test_repeated_client_disconnects_of_a_noisy_run_never_leave_the_sessio
         stream = await open_run(daemon.client, sid, "yes")
         await stream.until_stdout("y")
         stream.response.close()
-        await poll_async(lambda: _is(daemon, sid, "idle"), 10, f"session idle again after disconnect #{i}")
+        await poll(lambda: _is(daemon, sid, "idle"), 10, f"session idle again after disconnect #{i}")
     assert (await daemon.run(sid, "echo ok")).stdout == "ok\n"
 
 
@@ -95,7 +85,7 @@ async def test_client_disconnect_before_the_run_prints_anything_leaves_no_busy_s
     for _ in range(5):
         stream = await open_run(daemon.client, sid, "sleep 100")
         stream.response.close()
-        await poll_async(lambda: _is(daemon, sid, "idle"), 10, "session idle again")
+        await poll(lambda: _is(daemon, sid, "idle"), 10, "session idle again")
     assert (await daemon.run(sid, "echo ok")).stdout == "ok\n"
     await poll(lambda: not run_children(session["pid"], "sleep"), 5, "no sleep left")
 
@@ -224,7 +214,7 @@ async def test_shell_killed_while_idle_kills_its_jobs_and_the_session_fails(daem
     await daemon.run(sid, "setsid sleep 300 >/dev/null 2>&1 & sleep 300 &")
     await poll(lambda: sum("sleep 300" in c for c in session_commands(sid)) == 2, 5, "jobs running")
     os.kill(session["pid"], 9)
-    await poll_async(lambda: _is(daemon, sid, "failed"), 5, "session failed")
+    await poll(lambda: _is(daemon, sid, "failed"), 5, "session failed")
     await poll(lambda: not session_processes(sid), 5, "nothing of the session left")
     _, body = await get(daemon, sid)
     assert body["signal"] == "SIGKILL" and body["resources"]["num_processes"] == 0
@@ -241,7 +231,7 @@ async def test_idle_session_is_closed_by_the_daemon_wide_idle_timeout(make_daemo
     sid = session["session_id"]
     assert session["idle_timeout_s"] == 0.5
     await daemon.run(sid, "setsid sleep 300 >/dev/null 2>&1 &")
-    await poll_async(lambda: _is(daemon, sid, "closed"), 10, "session closed by the reaper")
+    await poll(lambda: _is(daemon, sid, "closed"), 10, "session closed by the reaper")
     _, body = await get(daemon, sid)
     assert body["reason"] == "idle_timeout", body
     assert not session_processes(sid)
@@ -249,7 +239,7 @@ async def test_idle_session_is_closed_by_the_daemon_wide_idle_timeout(make_daemo
     assert response.status == 410
     assert (await response.json())["code"] == "SESSION_ENDED"
     # An ended session is forgotten once it has been ended for longer than its idle timeout.
-    await poll_async(lambda: _gone(daemon, sid), 10, "closed session forgotten")
+    await poll(lambda: _gone(daemon, sid), 10, "closed session forgotten")
 
 
 async def _gone(daemon: Daemon, session_id: str) -> bool:
@@ -259,7 +249,7 @@ async def _gone(daemon: Daemon, session_id: str) -> bool:
 async def test_per_session_idle_timeout_overrides_the_daemon_default(daemon: Daemon) -> None:
     reaped = await daemon.create(idle_timeout_s=0.5)
     kept = await daemon.create()
-    await poll_async(lambda: _is(daemon, reaped["session_id"], "closed"), 10, "session reaped")
+    await poll(lambda: _is(daemon, reaped["session_id"], "closed"), 10, "session reaped")
     _, body = await get(daemon, reaped["session_id"])
     assert body["reason"] == "idle_timeout"
     assert await state(daemon, kept["session_id"]) == "idle"
@@ -273,7 +263,7 @@ async def test_running_session_is_never_reaped_while_running(daemon: Daemon) -> 
     assert result.complete["exit_code"] == 0 and result.complete["interrupted"] is False
     assert result.stdout == "finished\n"
     # Once idle, it is reaped as usual.
-    await poll_async(lambda: _is(daemon, sid, "closed"), 10, "session reaped after the run")
+    await poll(lambda: _is(daemon, sid, "closed"), 10, "session reaped after the run")
 
 
 async def test_exited_session_is_forgotten_after_its_idle_timeout(daemon: Daemon) -> None:
@@ -283,7 +273,7 @@ async def test_exited_session_is_forgotten_after_its_idle_timeout(daemon: Daemon
     assert result.complete["shell_exited"] is True
     _, body = await get(daemon, sid)
     assert body["state"] == "exited" and body["exit_code"] == 5
-    await poll_async(lambda: _gone(daemon, sid), 10, "exited session forgotten")
+    await poll(lambda: _gone(daemon, sid), 10, "exited session forgotten")
     response = await daemon.client.post(f"/session/{sid}/run", json={"code": "true"})
     assert response.status == 404
 

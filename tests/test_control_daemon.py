@@ -18,15 +18,8 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.helpers_control import (
-    DaemonProcess,
-    EventStream,
-    is_live,
-    open_run,
-    poll,
-    session_ids_alive,
-    subprocess_daemons,
-)
+from tests.conftest import wait_for as poll
+from tests.helpers_control import DaemonProcess, EventStream, is_live, open_run, session_ids_alive, subprocess_daemons
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import pytest
 
 from execd import process
 from tests.conftest import Daemon, DaemonFactory
-from tests.helpers_control import EventStream, is_live, open_run, percentile, poll, run_children, session_commands
+from tests.conftest import wait_for as poll
+from tests.helpers_control import EventStream, is_live, open_run, percentile, run_children, session_commands
 
 GRACE_S = 0.5  # the `daemon` fixture's interrupt grace
 

@@ -13,7 +13,8 @@ import pytest
 from execd.registry import ALLOWED_TRANSITIONS, InvalidTransition, Session, SessionState
 from execd.shell import Shell, ShellConfig
 from tests.conftest import Daemon
-from tests.helpers_core import expect_error, get_session, open_run, poll
+from tests.conftest import wait_for as poll
+from tests.helpers_core import expect_error, get_session, open_run
 
 LIVE = {SessionState.STARTING, SessionState.IDLE, SessionState.RUNNING}
 TERMINAL = {SessionState.CLOSED, SessionState.EXITED, SessionState.FAILED}
