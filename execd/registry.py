@@ -429,8 +429,13 @@ class Registry:
         """A background task that shutdown waits for (and that nothing garbage-collects early)."""
         task = asyncio.get_running_loop().create_task(work)
         self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._cleanups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_failed", exc_info=task.exception())
 
     async def _clean_up(self, session: Session, reason: Aborted | None, *, killed: bool = False) -> None:
         if session.closed.is_set():
