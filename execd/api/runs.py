@@ -25,8 +25,7 @@ async def start_run(request: web.Request) -> web.StreamResponse:
     run_id = secrets.token_hex(8)
     active = registry.start_run(session, RunRequest(spec.code, spec.cwd, spec.env, spec.stdin), run_id, spec.timeout_ms)
     try:
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
+        response = LazyResponse(request)
         stream = RunStream(response, run_id, settings.max_output_bytes, settings.sse_ping_s)
         try:
             await stream_events(stream, active, session.id)
@@ -39,10 +38,39 @@ async def start_run(request: web.Request) -> web.StreamResponse:
             await active.abandon()
             await stream.send("error", **error_fields("INTERNAL", f"internal error: {type(exc).__name__}"))
         await stream.close()
-        return response
+        return response.sent
     finally:
         # The client went away (or writing failed): Ctrl-C the run and let it end unseen.
         await active.abandon()
+
+
+class LazyResponse:
+    """The response of a run, started only when something must reach the client before the run
+    ends. A run that ends within its first quiet moment (most do) is answered as one plain
+    response with a length: no chunked framing, one write."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._stream: web.StreamResponse | None = None
+        self._whole: web.Response | None = None
+
+    async def write(self, data: bytes) -> None:
+        if self._stream is None:
+            self._stream = web.StreamResponse(headers=SSE_HEADERS)
+            await self._stream.prepare(self._request)
+        await self._stream.write(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._stream is None:
+            self._whole = web.Response(body=data, headers=SSE_HEADERS)
+        else:
+            await self._stream.write_eof(data)
+
+    @property
+    def sent(self) -> web.StreamResponse:
+        response = self._whole or self._stream
+        assert response is not None, "write_eof was not called"
+        return response
 
 
 async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -> None:
