@@ -22,9 +22,9 @@ __execd_rc() { builtin return "$1"; }
 
 # Per-run env: remember the old value, export flag and unset-ness, then export the new value.
 __execd_setenv() {
-  # Assigning a read-only variable would end a non-interactive shell: leave such a name alone.
-  if [[ ${!1@a} == *r* ]]; then builtin return 0; fi
   if [[ -v $1 ]]; then
+    # Assigning a read-only variable would end a non-interactive shell: leave such a name alone.
+    if [[ ${!1@a} == *r* ]]; then builtin return 0; fi
     __execd_saved_values[$1]=${!1}
     __execd_saved_attrs[$1]="set:${!1@a}"
   else
@@ -35,7 +35,7 @@ __execd_setenv() {
 }
 
 __execd_restore_env() {
-  local __execd_name __execd_attrs
+  builtin local __execd_name __execd_attrs
   for __execd_name in "${!__execd_saved_attrs[@]}"; do
     __execd_attrs=${__execd_saved_attrs[$__execd_name]}
     if [[ $__execd_attrs == unset ]]; then
@@ -54,7 +54,14 @@ __execd_restore_env() {
 # The daemon writes "SEQ SIGNAL" to $__execd_dir/interrupt, then sends SIGUSR2. The interrupt only
 # counts for the run it names, so a late signal never stops the next run.
 __execd_check_interrupt() {
-  local IFS=$' \t\n' __execd_iseq __execd_isig
+  { builtin local __execd_xtrace=$-; builtin set +x; } 2>/dev/null
+  __execd_check_interrupt_untraced
+  if [[ $__execd_xtrace == *x* ]]; then builtin set -x; fi
+  builtin return 0
+}
+
+__execd_check_interrupt_untraced() {
+  builtin local IFS=$' \t\n' __execd_iseq __execd_isig
   { builtin read -r __execd_iseq __execd_isig <"$__execd_dir/interrupt"; } 2>/dev/null || builtin return 0
   if [[ -z $__execd_seq || $__execd_iseq != "$__execd_seq" || -n $__execd_intr ]]; then builtin return 0; fi
   __execd_intr=$__execd_isig
@@ -63,16 +70,17 @@ __execd_check_interrupt() {
   __execd_user_debug=$(builtin trap -p DEBUG)
   if builtin shopt -q extdebug; then __execd_user_extdebug=1; else __execd_user_extdebug=; fi
   builtin shopt -s extdebug
-  builtin trap '\__execd_unwind' DEBUG
+  builtin trap '{ \__execd_unwind; } 2>/dev/null' DEBUG
   builtin return 0
 }
 
 __execd_run_user_int_trap() {
-  local __execd_handler
+  builtin local __execd_handler
   __execd_handler=$(builtin trap -p INT)
   [[ -n $__execd_handler ]] || builtin return 0
   builtin eval "builtin set -- $__execd_handler"
-  if [[ -n ${3-} ]]; then builtin eval "$3"; fi
+  # In POSIX mode an unset trap prints as `trap -- - SIGINT`.
+  if [[ -n ${3-} && $3 != - ]]; then builtin eval "$3"; fi
   builtin return 0
 }
 
@@ -93,6 +101,7 @@ __execd_clear_interrupt() {
 }
 
 __execd_pre() {
+  __execd_clear_interrupt
   __execd_seq=$1
   __execd_last=
   if [[ $2 == 1 ]]; then builtin source "$__execd_dir/prelude"; fi
@@ -105,17 +114,21 @@ __execd_pre() {
 # function does not see the ERR trap). With an ERR trap the code file ends by saving $? in
 # __execd_last, so that `source` itself returns 0 and the trap does not fire twice.
 __execd_post() {
-  local __execd_status=$? __execd_flags=$-
+  builtin local __execd_status=$? __execd_flags=$-
   builtin set +xv
   if [[ -n $__execd_last && $__execd_status == 0 ]]; then __execd_status=$__execd_last; fi
+  builtin local __execd_done=$__execd_seq
+  # No run is on from here: an interrupt signal that arrives late must not arm the next run.
+  __execd_seq=
   __execd_restore_env
   __execd_clear_interrupt
-  builtin printf '%s\0%s\0%s\0%s\0' "$__execd_seq" "$__execd_status" "$__execd_flags" "$PWD"
-  __execd_seq=
+  builtin printf '%s\0%s\0%s\0%s\0' "$__execd_done" "$__execd_status" "$__execd_flags" "$PWD"
   builtin return 0
 }
 
-builtin trap '\__execd_check_interrupt' USR2
+# The trap's own call is traced under `set -x`: it goes to /dev/null, while the handler (which may
+# run the user's INT trap) gets the real stderr back through fd 19.
+builtin trap '{ \__execd_check_interrupt 2>&19 19>&-; } 19>&2 2>/dev/null' USR2
 if [[ -n ${__EXECD_NOFILE-} ]]; then builtin ulimit -Sn "$__EXECD_NOFILE" 2>/dev/null; fi
 builtin cd -- "$__EXECD_CWD" || builtin exit 97
 builtin unset __EXECD_CWD __EXECD_NOFILE

@@ -220,13 +220,17 @@ def session_processes(shells: Mapping[int, str]) -> set[int]:
     for shell in shells:
         found.add(shell)
         found.update(tree.subtree(shell))
-    tags = set(shells.values())
-    candidates = tree.children(os.getpid()) if is_subreaper() else psutil.pids()
-    for pid in candidates:
-        if pid not in found and pid not in owned_children and tag_of(pid) in tags:
-            found.add(pid)
-            found.update(tree.subtree(pid))
+    for escapee in escapees(set(shells.values()), found, tree):
+        found.add(escapee)
+        found.update(tree.subtree(escapee))
     return found
+
+
+def escapees(tags: set[str], known: set[int], tree: Tree) -> list[int]:
+    """Processes outside `known` that carry one of `tags` and have left their shell's tree: as a
+    subreaper we adopt them, so they are among our children; otherwise anywhere on the machine."""
+    candidates = tree.children(os.getpid()) if is_subreaper() else psutil.pids()
+    return [pid for pid in candidates if pid not in known and pid not in owned_children and tag_of(pid) in tags]
 
 
 def kill_sessions(shells: Mapping[int, str], timeout_s: float = 5.0) -> bool:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from execd import process
 from execd.logging import get_logger
@@ -28,11 +28,13 @@ from execd.shell import (
     Shell,
     ShellBusy,
     ShellConfig,
+    ShellGone,
     ShellRun,
     ShellStartFailed,
 )
 
 log = get_logger("execd.registry")
+T = TypeVar("T")
 
 __all__ = ["Aborted", "Completed", "NoActiveRun", "RunRequest", "ShellBusy"]
 
@@ -275,7 +277,7 @@ class Registry:
         self.config = config
         self.sessions: dict[str, Session] = {}
         self.shutting_down = False
-        self._cleanups: set[asyncio.Task[None]] = set()
+        self._cleanups: set[asyncio.Task[Any]] = set()
         self._watchdog: subprocess.Popen[bytes] | None = None
         self.base_dir: str | None = None  # holds every session's private dir
 
@@ -353,19 +355,24 @@ class Registry:
         shell.on_exit = lambda _shell: self._on_shell_exit(session)
         self.sessions[session_id] = session
         self._tell_watchdog("+" + session_id)
+        # In a task of its own: a client that goes away mid-start must not leave a half-started
+        # session behind (it would count toward the limit forever).
+        await asyncio.shield(self.spawn(self._start(session)))
+        return session
+
+    async def _start(self, session: Session) -> None:
         try:
-            await shell.start()
+            await session.shell.start()
         except ShellStartFailed as exc:
             if session.state.live:
                 session.transition(SessionState.FAILED, str(exc))
             session.closed.set()
-            log.warning("session_failed_to_start", session_id=session_id, error=str(exc))
-            return session
+            log.warning("session_failed_to_start", session_id=session.id, error=str(exc))
+            return
         if session.state == SessionState.STARTING:
             session.transition(SessionState.IDLE)
-        log.info("session_opened", session_id=session_id, pid=shell.pid)
+        log.info("session_opened", session_id=session.id, pid=session.shell.pid)
         self._forget_excess_ended()
-        return session
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -382,7 +389,14 @@ class Registry:
             raise SessionEnded(session)
         limit = self.config.max_run_timeout_ms
         effective_ms = min(timeout_ms, limit) if timeout_ms > 0 else limit
-        shell_run = session.shell.run(request, run_id)  # raises ShellBusy
+        try:
+            shell_run = session.shell.run(request, run_id)  # raises ShellBusy
+        except ShellGone:
+            # The shell died an instant ago and its exit is not processed yet: it has ended.
+            session.shell.wait_exit()
+            session.record_shell_end()
+            self.clean_up_later(session)
+            raise SessionEnded(session) from None
         session.transition(SessionState.RUNNING)
         session.current_run_id = run_id
         session.run_count += 1
@@ -399,21 +413,32 @@ class Registry:
         return interrupted
 
     async def close(self, session: Session, reason: str, abort_code: str = "SESSION_CLOSED") -> None:
-        """Kill every process of a live session and release its fds; wait for an ended one's cleanup."""
+        """Kill every process of a live session and release its fds; wait for an ended one's cleanup.
+
+        The work runs in a task of its own: a DELETE whose client goes away (aiohttp then cancels
+        the handler) must still end in `closed`, with every process killed and every fd released.
+        """
         if session.state.live:
             session.transition(SessionState.CLOSING, reason)
             message = "the session was closed" if abort_code == "SESSION_CLOSED" else "the daemon is shutting down"
-            await self._clean_up(session, Aborted(abort_code, message))
-            session.transition(SessionState.CLOSED)
-            log.info("session_closed", session_id=session.id, reason=reason)
+            await asyncio.shield(self.spawn(self._close(session, reason, Aborted(abort_code, message))))
         else:
             await session.closed.wait()
 
+    async def _close(self, session: Session, reason: str, abort: Aborted) -> None:
+        await self._clean_up(session, abort)
+        session.transition(SessionState.CLOSED)
+        log.info("session_closed", session_id=session.id, reason=reason)
+
     async def delete(self, session_id: str) -> dict[str, Any]:
         session = self.get(session_id)
-        await self.close(session, "deleted")
-        self.sessions.pop(session_id, None)
+        # Closed and forgotten even if the client goes away meanwhile (its handler is cancelled).
+        await asyncio.shield(self.spawn(self._delete(session)))
         return session.to_dict()
+
+    async def _delete(self, session: Session) -> None:
+        await self.close(session, "deleted")
+        self.sessions.pop(session.id, None)
 
     def _on_shell_exit(self, session: Session) -> None:
         # With a run in progress, the run reports the end after it has read the last output.
@@ -425,14 +450,14 @@ class Registry:
     def clean_up_later(self, session: Session) -> None:
         self.spawn(self._clean_up(session, None))
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A background task that shutdown waits for (and that nothing garbage-collects early)."""
         task = asyncio.get_running_loop().create_task(work)
         self._cleanups.add(task)
         task.add_done_callback(self._background_done)
         return task
 
-    def _background_done(self, task: asyncio.Task[None]) -> None:
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._cleanups.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background_task_failed", exc_info=task.exception())

@@ -148,6 +148,7 @@ class _Run:
         self.started = process.now()
         self.ended: process.Moment | None = None
         self.interrupt_signal: signal.Signals | None = None
+        self.reported = False  # the shell has said the code finished (the reader may lag behind)
         self.timed_out = False
         self.escalations: list[asyncio.TimerHandle] = []
 
@@ -300,6 +301,11 @@ class Shell:
                 handle.cancel()
         self._wake()
 
+    def wait_exit(self) -> None:
+        """Reap a shell known to be exiting (its command channel is closed), blocking briefly."""
+        if self.returncode is None and self.pid:
+            self._reap(block=True)
+
     def _on_pidfd(self) -> None:
         self._reap(block=False)
 
@@ -331,7 +337,10 @@ class Shell:
         self._status_buffer = b"\0".join(fields[complete:])
         for i in range(0, complete, _Status.FIELDS):
             try:
-                self._statuses.append(_Status.parse(fields[i : i + _Status.FIELDS]))
+                status = _Status.parse(fields[i : i + _Status.FIELDS])
+                self._statuses.append(status)
+                if self._run is not None and status.seq == self._run.seq:
+                    self._run.reported = True
             except ValueError:
                 # Only the wrapper writes here; a garbled record must not stop the event loop.
                 log.error(
@@ -453,7 +462,8 @@ class Shell:
         self._run = run
 
     def _write_code(self, code: str) -> None:
-        # `set -x`/`-v` are switched off around the wrapper and back on as the code's first words.
+        # `set -x`/`-v` are off in the wrapper and back on as the code's first words (so `source`
+        # itself is not traced; the price: under `set -x` a run starts with $? = 0).
         traced = "".join(f for f in "xv" if f in self._flags)
         prefix = f"set -{traced};" if traced else ""
         # With an ERR trap, `source` must not return the code's failing status (the trap would fire
@@ -474,11 +484,15 @@ class Shell:
             stdin = os.path.join(self._dir, "stdin")
             _write_file(stdin, request.stdin.encode(errors="surrogateescape"))
         joiner = "&&" if self._last_exit_code == 0 else "||"
-        source = f"\\__execd_rc {self._last_exit_code} {joiner} \\builtin source {self._dir}/code <{stdin}"
+        code_file, status_file = shlex.quote(f"{self._dir}/code"), shlex.quote(f"{self._dir}/status")
+        source = (
+            f"{{ \\__execd_rc {self._last_exit_code}; }} 2>/dev/null {joiner} "
+            f"\\builtin source {code_file} <{shlex.quote(stdin)}"
+        )
         if request.cwd is not None:
             source = f"\\builtin cd -- {shlex.quote(request.cwd)} && {{ {source}; }}"
         pre = f"{{ \\__execd_pre {run.seq} {int(bool(prelude))}; }} 2>/dev/null"
-        post = f"{{ \\__execd_post; \\builtin trap -p ERR; \\builtin printf '\\0'; }} 2>/dev/null >|{self._dir}/status"
+        post = f"{{ \\__execd_post; \\builtin trap -p ERR; \\builtin printf '\\0'; }} 2>/dev/null >|{status_file}"
         return f"{pre}; {source}; {post}\n"
 
     def _status_for(self, run: _Run) -> _Status | None:
@@ -538,6 +552,8 @@ class Shell:
         if not self.alive or not self._fds:
             # The shell is gone (its pid may already belong to another process): the run is ending.
             raise NoActiveRun("the run is ending: its shell is gone")
+        if run.reported:
+            raise NoActiveRun(f"run {run.run_id} has already finished")
         if run.interrupt_signal is None:
             run.interrupt_signal = sig
             run.timed_out = timed_out
@@ -552,11 +568,18 @@ class Shell:
         return run.run_id
 
     def _run_processes(self, run: _Run, same_group_only: bool = False) -> list[int]:
-        """The processes `run` started, escapees included (older background jobs are left alone)."""
+        """The processes `run` started, escapees included. Older background jobs are left alone,
+        and so is everything they start: a process belongs to the run when the shell's child (or the
+        adopted escapee) at the top of its branch was started during the run."""
+        tree = process.Tree()
+        tops = [pid for pid in tree.children(self.pid) if process.started_between(pid, run.started, run.ended)]
+        tops += [
+            pid
+            for pid in process.escapees({self.config.session_id}, {self.pid}, tree)
+            if process.started_between(pid, run.started, run.ended)
+        ]
         pids = []
-        for pid in process.session_processes({self.pid: self.config.session_id}) - {self.pid}:
-            if not process.started_between(pid, run.started, run.ended):
-                continue
+        for pid in {member for top in tops for member in (top, *tree.subtree(top))}:
             if same_group_only:
                 try:
                     if os.getpgid(pid) != self.pid:
@@ -571,7 +594,8 @@ class Shell:
             process.signal_pids(self._run_processes(run), signal.SIGKILL)
 
     def _kill_if_stuck(self, run: _Run) -> None:
-        if self._run is run and self.alive:
+        # A run whose status has arrived is not stuck, even if a slow client has not read it yet.
+        if self._run is run and not run.reported and self.alive:
             reason = Aborted("SESSION_DIED", "the shell did not come back after an interrupt")
             self._closing = self._loop.create_task(self.close(reason))
 
@@ -613,6 +637,9 @@ class ShellRun:
                 self._quiet_told = False
                 return self._queue.popleft()
             status = shell._status_for(run)
+            if status is None and not shell.alive and shell._fds:
+                shell._on_status()  # the shell may have reported just before it died
+                status = shell._status_for(run)
             if status is not None or not shell.alive or not shell._fds:
                 self._queue.extend(shell._final_drain())
                 self._queue.append(shell._finish(run, status))

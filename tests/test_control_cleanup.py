@@ -446,3 +446,37 @@ async def test_stress_200_hostile_sessions_leave_nothing_behind(daemon: Daemon) 
     )
     assert plain_after == plain_before, (plain_before, plain_after)
     assert fds_after <= fds_before + 4, (fds_before, fds_after)
+
+
+async def test_delete_whose_client_goes_away_still_closes_the_session(daemon: Daemon) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "sleep 1000 &")
+    host, port = daemon.client.server.host, daemon.client.server.port
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(f"DELETE /session/{sid} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+    writer.close()  # gone before the answer (a FIN: the request itself is still read)
+    await poll(lambda: not session_processes(sid), 10, "every process of the session killed")
+    await poll(lambda: _gone(daemon, sid), 10, "the session closed and forgotten")
+    response = await daemon.client.delete(f"/session/{sid}")
+    assert response.status == 404
+
+
+async def test_create_whose_client_goes_away_leaves_no_half_started_session(daemon: Daemon) -> None:
+    host, port = daemon.client.server.host, daemon.client.server.port
+    for _ in range(5):
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        writer.close()
+
+    async def settled() -> bool:
+        # However many of the requests got as far as starting a shell, none is left half-started.
+        sessions = (await (await daemon.client.get("/session")).json())["sessions"]
+        return all(s["state"] == "idle" for s in sessions)
+
+    await poll(settled, 10, "every started session idle")
+    health = await (await daemon.client.get("/healthz")).json()
+    listed = (await (await daemon.client.get("/session")).json())["sessions"]
+    assert health["sessions"] == len(listed)
+    for s in (await (await daemon.client.get("/session")).json())["sessions"]:
+        await daemon.delete(s["session_id"])

@@ -6,6 +6,7 @@ interrupt_grace_ms=500 and checks after each test that no process of its session
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import Any
@@ -471,3 +472,28 @@ async def test_measure_interrupt_latency(daemon: Daemon) -> None:
         f"p50 {percentile(latencies, 50):.2f} ms, p99 {percentile(latencies, 99):.2f} ms, "
         f"max {max(latencies):.2f} ms, min {min(latencies):.2f} ms"
     )
+
+
+async def test_interrupt_spares_what_an_earlier_job_starts_during_the_run(daemon: Daemon, tmp_path: Any) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    go = tmp_path / "go"
+    # The job of run 1 starts its `sleep 301` only while run 2 is on.
+    await daemon.run(sid, f"(while [ ! -e {go} ]; do sleep 0.01; done; sleep 301) &")
+    stream = await running(daemon, session, "sleep 100")
+    go.touch()
+    await poll(lambda: "sleep 301" in session_commands(sid), 10, "the earlier job's child started")
+    status, _ = await interrupt(daemon, sid, signal="SIGKILL")
+    assert status == 202
+    assert (await stream.until_terminal()).data["interrupted"] is True
+    await asyncio.sleep(0.8)  # past the 500 ms grace: the escalation has run
+    assert "sleep 301" in session_commands(sid)
+
+
+async def test_set_x_interrupt_traces_nothing_of_the_wrapper(daemon: Daemon) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "set -x")
+    stream, terminal = await interrupted_run(daemon, session, "sleep 100")
+    assert terminal["exit_code"] == 130
+    assert "__execd" not in "".join(e.data.get("text", "") for e in stream.events), stream.events

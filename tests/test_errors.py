@@ -373,3 +373,30 @@ async def test_token_is_never_logged(make_daemon: DaemonFactory, capfd: pytest.C
     captured = capfd.readouterr()
     assert "session_opened" in captured.out + captured.err  # the daemon did log, to where we look
     assert "tok-never-in-logs" not in captured.out + captured.err
+
+
+async def test_deeply_nested_json_is_a_400(daemon: Daemon) -> None:
+    body = "[" * 100_000 + "]" * 100_000
+    response = await daemon.client.post("/session", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    assert (await response.json())["code"] == "INVALID_REQUEST"
+
+
+@pytest.mark.parametrize("field", ["idle_timeout_s"])
+async def test_number_too_large_for_a_float_is_a_400(daemon: Daemon, field: str) -> None:
+    response = await daemon.client.post(
+        "/session", data=f'{{"{field}": 1{"0" * 400}}}', headers={"Content-Type": "application/json"}
+    )
+    body = await response.json()
+    assert (response.status, body["code"]) == (400, "INVALID_REQUEST"), body
+    assert field in body["message"]
+
+
+async def test_env_names_of_the_wrapper_are_refused(daemon: Daemon) -> None:
+    session = await daemon.create()
+    response = await daemon.client.post(
+        f"/session/{session['session_id']}/run", json={"code": "true", "env": {"__execd_dir": "/"}}
+    )
+    body = await response.json()
+    assert (response.status, body["code"]) == (400, "INVALID_REQUEST"), body
+    assert "__execd_dir" in body["message"]

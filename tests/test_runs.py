@@ -508,7 +508,7 @@ async def test_run_env_naming_a_readonly_variable_does_not_end_the_shell(daemon:
 async def test_user_functions_named_like_builtins_do_not_break_the_wrapper(daemon: Daemon) -> None:
     session = await daemon.create()
     sid = session["session_id"]
-    names = ["cd", "echo", "printf", "source", "read", "export", "unset", "trap", "shopt"]
+    names = ["cd", "echo", "printf", "source", "read", "export", "unset", "trap", "shopt", "local"]
     await daemon.run(sid, "".join(f"{n}() {{ builtin printf 'user-{n}\\n'; }}; " for n in names))
     result = await daemon.run(sid, 'builtin echo "$T_FN"; pwd', cwd="/usr", env={"T_FN": "set"}, **HANG_GUARD)
     assert result.stdout == "set\n/usr\n"
@@ -549,3 +549,13 @@ async def test_cwd_with_undecodable_bytes_is_reported_with_replacement_character
     listed = await (await daemon.client.get("/session")).read()
     assert f"{tmp_path}/d\ufffd".encode() in listed
     assert (await daemon.run(sid, "pwd")).stdout == f"{tmp_path}/d\ufffd\n"
+
+
+async def test_run_env_under_set_u_naming_an_unset_variable_keeps_the_shell(daemon: Daemon) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "set -u")
+    result = await daemon.run(sid, 'echo "new=$T_NEW"', env={"T_NEW": "1"})
+    assert result.stdout == "new=1\n"
+    assert result.complete["shell_exited"] is False
+    assert (await daemon.run(sid, 'echo "${T_NEW-unset} $-"')).stdout.startswith("unset ")

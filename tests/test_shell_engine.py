@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from execd.shell import Aborted, NoActiveRun, RunRequest, Shell, ShellConfig
-from tests.conftest import assert_no_processes
+from execd.shell import Aborted, Completed, NoActiveRun, RunRequest, Shell, ShellConfig
+from tests.conftest import assert_no_processes, wait_for
 
 
 async def test_interrupt_after_the_shell_is_gone_signals_and_writes_nothing(
@@ -25,4 +25,21 @@ async def test_interrupt_after_the_shell_is_gone_signals_and_writes_nothing(
     assert os.listdir(tmp_path) == []
     events = [event async for event in run]
     assert events[-1] == Aborted("SESSION_CLOSED", "closed")
+    assert_no_processes({shell.config.session_id})
+
+
+async def test_interrupt_after_the_status_arrived_leaves_the_run_alone() -> None:
+    shell = Shell(ShellConfig(session_id=f"engine-{os.getpid()}-reported", cwd="/", env=dict(os.environ)))
+    await shell.start()
+    try:
+        run = shell.run(RunRequest("echo done"), "run-1")
+        # The reader lags behind (a slow client): the shell has reported, nobody has read it yet.
+        await wait_for(lambda: shell._run is not None and shell._run.reported, what="status arrived")
+        with pytest.raises(NoActiveRun):
+            shell.interrupt()
+        events = [event async for event in run]
+        assert events[-1] == Completed(0, False, False, "/", shell_exited=False)
+        assert shell.alive
+    finally:
+        await shell.close(None)
     assert_no_processes({shell.config.session_id})

@@ -37,6 +37,8 @@ async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
@@ -73,7 +75,13 @@ class Fields:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not _is_integral(value)):
             raise InvalidRequest(f"{name!r} must be {'an integer' if integer else 'a number'}")
-        if not math.isfinite(value) or value < 0:
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            raise InvalidRequest(f"{name!r} is out of range")
+        if value < 0:
             raise InvalidRequest(f"{name!r} must not be negative")
         return value
 
@@ -90,6 +98,8 @@ class Fields:
                 raise InvalidRequest(f"{name}[{key!r}] must not contain NUL characters")
             if env_names and not ENV_NAME.match(key):
                 raise InvalidRequest(f"{name}: {key!r} is not a valid variable name")
+            if env_names and key.startswith("__execd_"):
+                raise InvalidRequest(f"{name}: {key!r} is reserved for the daemon's wrapper")
             _check_unicode(f"{name}[{key!r}]", key + item)
         return dict(value)
 
