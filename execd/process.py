@@ -175,11 +175,6 @@ class Tree:
         return found
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid`."""
-    return Tree().subtree(pid)
-
-
 def tag_of(pid: int) -> str | None:
     """The session tag in a process's environment, if any."""
     try:

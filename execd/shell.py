@@ -245,10 +245,6 @@ class Shell:
     def alive(self) -> bool:
         return self.returncode is None and self.pid != 0
 
-    @property
-    def running_run_id(self) -> str | None:
-        return self._run.run_id if self._run else None
-
     def set_abort(self, reason: Aborted | None) -> None:
         """Say why the daemon is about to kill the shell: the run in progress ends with it."""
         if reason is not None and self.abort is None and self.alive:
