@@ -203,19 +203,21 @@ def signal_pids(pids: Iterable[int], sig: int) -> None:
 owned_children: set[int] = set()
 
 
-def session_processes(shells: Mapping[int, str]) -> set[int]:
-    """Every process of these sessions (shell pid -> session tag): the shells, their descendants,
-    and every process that left a shell's tree but carries one of the tags.
+def session_processes(sessions: Mapping[str, int | None]) -> set[int]:
+    """Every process of these sessions (session tag -> its shell's pid, None once the shell is
+    reaped: its pid may belong to someone else by then): the shells, their descendants, and every
+    process that left a shell's tree but carries one of the tags.
 
     As a child subreaper the daemon adopts escapees (setsid, double fork), so they are found among
     its own children; without that the whole machine is scanned for the tags.
     """
     tree = Tree()
     found: set[int] = set()
-    for shell in shells:
-        found.add(shell)
-        found.update(tree.subtree(shell))
-    for escapee in escapees(set(shells.values()), found, tree):
+    for shell in sessions.values():
+        if shell is not None:
+            found.add(shell)
+            found.update(tree.subtree(shell))
+    for escapee in escapees(set(sessions), found, tree):
         found.add(escapee)
         found.update(tree.subtree(escapee))
     return found
@@ -228,23 +230,24 @@ def escapees(tags: set[str], known: set[int], tree: Tree) -> list[int]:
     return [pid for pid in candidates if pid not in known and pid not in owned_children and tag_of(pid) in tags]
 
 
-def kill_sessions(shells: Mapping[int, str], timeout_s: float = 5.0) -> bool:
+def kill_sessions(sessions: Mapping[str, int | None], timeout_s: float = 5.0) -> bool:
     """SIGKILL these sessions' process groups, their descendants that left them, and every tagged
     escapee; wait until all are dead and reap those that are our children (shells excepted: their
     owners reap them). One pass over /proc serves every session, so a shutdown of a thousand
     sessions costs a few scans, not a thousand. Blocking: call it from a thread. False if some
     process survived `timeout_s`.
     """
-    for shell in shells:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(shell, signal.SIGKILL)
+    for shell in sessions.values():
+        if shell is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(shell, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
     # Something may fork or exec between a listing and the kill (a process in the middle of exec
     # may not show its environment for an instant): sweep until two passes 10 ms apart find
     # nothing alive.
     clean_passes = 0
     while clean_passes < 2:
-        victims = [pid for pid in session_processes(shells) if _alive(pid)]
+        victims = [pid for pid in session_processes(sessions) if _alive(pid)]
         if victims:
             clean_passes = 0
             signal_pids(victims, signal.SIGKILL)
@@ -288,9 +291,9 @@ class Usage:
     cpu_seconds: float
 
 
-def usage(shell_pid: int, tag: str) -> Usage:
+def usage(shell_pid: int | None, tag: str) -> Usage:
     """Resources summed over a shell's tree plus every escapee that carries its tag."""
-    pids = session_processes({shell_pid: tag})
+    pids = session_processes({tag: shell_pid})
     count, rss, cpu = 0, 0, 0.0
     for pid in pids:
         try:

@@ -168,9 +168,9 @@ class Session:
         }
 
     def resources(self) -> dict[str, Any]:
-        if not self.state.live or not self.shell.pid:
+        if not self.state.live:
             return {"num_processes": 0, "rss_bytes": 0, "cpu_seconds": 0.0}
-        usage = process.usage(self.shell.pid, self.id)
+        usage = process.usage(self.shell.live_pid, self.id)
         return {"num_processes": usage.num_processes, "rss_bytes": usage.rss_bytes, "cpu_seconds": usage.cpu_seconds}
 
     def record_shell_end(self) -> None:
@@ -516,9 +516,9 @@ class Registry:
             session.transition(SessionState.CLOSING, "shutdown")
             session.shell.set_abort(reason)
         # One sweep of /proc for all of them: closing a thousand sessions one by one takes minutes.
-        shells = {s.shell.pid: s.id for s in live if s.shell.pid}
-        if shells and not await asyncio.to_thread(process.kill_sessions, shells):
-            log.warning("session_processes_survived_kill", sessions=len(shells))
+        sessions = {s.id: s.shell.live_pid for s in live}
+        if sessions and not await asyncio.to_thread(process.kill_sessions, sessions):
+            log.warning("session_processes_survived_kill", sessions=len(sessions))
         await asyncio.gather(*(self._clean_up(s, reason, killed=True) for s in live))
         for session in live:
             session.transition(SessionState.CLOSED)
@@ -528,7 +528,7 @@ class Registry:
     def kill_all_now(self) -> None:
         """Last resort (a second signal): kill every shell without waiting for anything."""
         pending = [s for s in self.sessions.values() if not s.closed.is_set()]
-        process.kill_sessions({s.shell.pid: s.id for s in pending if s.shell.pid}, timeout_s=0.5)
+        process.kill_sessions({s.id: s.shell.live_pid for s in pending}, timeout_s=0.5)
         for session in pending:
             session.shell.kill(Aborted("SHUTTING_DOWN", "the daemon is shutting down"), killed=True)
 

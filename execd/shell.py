@@ -245,6 +245,11 @@ class Shell:
     def alive(self) -> bool:
         return self.returncode is None and self.pid != 0
 
+    @property
+    def live_pid(self) -> int | None:
+        """The shell's pid while it is ours (not yet reaped); after that the number may be reused."""
+        return self.pid if self.pid and self.returncode is None else None
+
     def set_abort(self, reason: Aborted | None) -> None:
         """Say why the daemon is about to kill the shell: the run in progress ends with it."""
         if reason is not None and self.abort is None and self.alive:
@@ -257,8 +262,8 @@ class Shell:
         if self.pid:
             if not killed:
                 # The sweep reads /proc: off the event loop, so other sessions keep streaming.
-                shells = {self.pid: self.config.session_id}
-                if not await asyncio.to_thread(process.kill_sessions, shells):
+                sessions = {self.config.session_id: self.live_pid}
+                if not await asyncio.to_thread(process.kill_sessions, sessions):
                     log.warning("session_processes_survived_kill", session_id=self.config.session_id)
             if self.returncode is None:
                 try:
@@ -272,7 +277,7 @@ class Shell:
         self.set_abort(reason)
         if self.pid:
             if not killed:
-                process.kill_sessions({self.pid: self.config.session_id}, timeout_s=0.5)
+                process.kill_sessions({self.config.session_id: self.live_pid}, timeout_s=0.5)
             if self.returncode is None:
                 self._reap(block=True)
         self._release()
