@@ -441,8 +441,9 @@ class Registry:
         self.sessions.pop(session.id, None)
 
     def _on_shell_exit(self, session: Session) -> None:
-        # With a run in progress, the run reports the end after it has read the last output.
-        if session.state.live and session.current_run_id is None:
+        # With a run in progress, the run reports the end after it has read the last output; a
+        # shell that dies while starting is the start's failure (`failed`), reported by _start.
+        if session.state in (SessionState.IDLE, SessionState.RUNNING) and session.current_run_id is None:
             session.record_shell_end()
             log.info("session_ended", session_id=session.id, state=str(session.state), reason=session.reason)
             self.clean_up_later(session)

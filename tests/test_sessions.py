@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import execd
+from execd.api.keys import REGISTRY
 from tests.conftest import Daemon, DaemonFactory, read_run
 from tests.helpers_core import SESSION_FIELDS, expect_error, get_session
 
@@ -168,3 +170,16 @@ async def test_shell_reads_its_own_session_id(daemon: Daemon) -> None:
     session = await daemon.create()
     result = await daemon.run(session["session_id"], 'echo "$EXECD_SESSION_ID"; bash -c \'echo "$EXECD_SESSION_ID"\'')
     assert result.stdout == f"{session['session_id']}\n" * 2
+
+
+async def test_a_shell_that_cannot_start_makes_a_failed_session(daemon: Daemon, tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    # The directory passes validation, then vanishes before the shell can `cd` into it.
+    registry = daemon.app[REGISTRY]
+    session_task = asyncio.ensure_future(registry.create(str(gone), {}, None, {}))
+    gone.rmdir()
+    session = await session_task
+    assert session.state == "failed", (session.state, session.reason)
+    assert session.reason and "could not start" in session.reason
+    await daemon.delete(session.id)
