@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import re
 import time
@@ -132,8 +133,10 @@ class RunStream:
         self._arm_ping(self._ping_s)
 
     async def _ping(self) -> None:
-        await self._write(PING)
-        await self.flush()
+        # A client gone mid-ping is the handler's to notice (it is cancelled); nothing to report here.
+        with contextlib.suppress(ConnectionError):
+            await self._write(PING)
+            await self.flush()
 
     # ----- events ----------------------------------------------------------------------------
 
