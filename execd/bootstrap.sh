@@ -14,6 +14,7 @@ declare -gA __execd_saved_values=() __execd_saved_attrs=()
 __execd_seq=
 __execd_intr=
 __execd_last=
+__execd_env_set=
 __execd_user_debug=
 __execd_user_extdebug=
 
@@ -31,6 +32,7 @@ __execd_setenv() {
     __execd_saved_attrs[$1]=unset
   fi
   builtin export -- "$1=$2"
+  __execd_env_set=1
   builtin return 0
 }
 
@@ -48,6 +50,7 @@ __execd_restore_env() {
   done
   __execd_saved_values=()
   __execd_saved_attrs=()
+  __execd_env_set=
   builtin return 0
 }
 
@@ -100,8 +103,10 @@ __execd_clear_interrupt() {
   builtin return 0
 }
 
+# pre and post run for every run: each function call costs bash ~10-20 us, so the rare paths
+# (per-run env, interrupts) are called only when needed.
 __execd_pre() {
-  __execd_clear_interrupt
+  if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
   __execd_seq=$1
   __execd_last=
   if [[ $2 == 1 ]]; then builtin source "$__execd_dir/prelude"; fi
@@ -114,14 +119,13 @@ __execd_pre() {
 # function does not see the ERR trap). With an ERR trap the code file ends by saving $? in
 # __execd_last, so that `source` itself returns 0 and the trap does not fire twice.
 __execd_post() {
-  builtin local __execd_status=$? __execd_flags=$-
-  builtin set +xv
+  builtin local __execd_status=$? __execd_flags=$- __execd_done=$__execd_seq
+  if [[ $__execd_flags == *[xv]* ]]; then builtin set +xv; fi
   if [[ -n $__execd_last && $__execd_status == 0 ]]; then __execd_status=$__execd_last; fi
-  builtin local __execd_done=$__execd_seq
   # No run is on from here: an interrupt signal that arrives late must not arm the next run.
   __execd_seq=
-  __execd_restore_env
-  __execd_clear_interrupt
+  if [[ -n $__execd_env_set ]]; then __execd_restore_env; fi
+  if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
   builtin printf '%s\0%s\0%s\0%s\0' "$__execd_done" "$__execd_status" "$__execd_flags" "$PWD"
   builtin return 0
 }
