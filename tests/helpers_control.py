@@ -269,12 +269,23 @@ class DaemonProcess:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             reap_zombie_children()
-            if not session_ids_alive(self.session_ids) and not any(is_zombie(c) for c in psutil.Process().children()):
+            # The killed daemon's watchdog re-parents to us (a subreaper since the first in-process
+            # daemon) and exits after its sweep: wait for it too, or its zombie outlives the test.
+            children = psutil.Process().children()
+            settled = not any(is_zombie(c) or _is_watchdog(c) for c in children)
+            if settled and not session_ids_alive(self.session_ids):
                 break
             await asyncio.sleep(0.02)
         self.log.close()
         os.unlink(self.log.name)
         return left
+
+
+def _is_watchdog(proc: psutil.Process) -> bool:
+    try:
+        return "execd.watchdog" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def session_ids_alive(session_ids: set[str]) -> list[int]:
