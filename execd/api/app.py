@@ -43,11 +43,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(api_error.status, api_error.code, api_error.message, **api_error.extra)
 
 
-def auth_middleware(token: str | None) -> Middleware:
+def gate_middleware(token: str | None) -> Middleware:
+    """Who gets in: with a token configured, only requests that carry it (401; /healthz and /ping
+    are open), and nobody while the daemon stops (503). One middleware, not two: each layer costs
+    every run a coroutine call."""
     expected = token.encode() if token else b""
 
     @web.middleware
-    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected and request.path not in OPEN_PATHS:
             given = request.headers.get("X-EXECD-ACCESS-TOKEN")
             if given is None:
@@ -55,16 +58,11 @@ def auth_middleware(token: str | None) -> Middleware:
                 given = value.strip() if scheme.lower() == "bearer" else ""
             if not hmac.compare_digest(given.encode(), expected):
                 return error_response(401, "UNAUTHORIZED", "a valid access token is required")
+        if request.app[REGISTRY].shutting_down:
+            return error_response(503, "SHUTTING_DOWN", "the daemon is shutting down")
         return await handler(request)
 
-    return check_token
-
-
-@web.middleware
-async def shutdown_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.app[REGISTRY].shutting_down:
-        return error_response(503, "SHUTTING_DOWN", "the daemon is shutting down")
-    return await handler(request)
+    return gate
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -119,7 +117,7 @@ async def _end_sessions_first(app: web.Application) -> None:
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware(settings.access_token), shutdown_middleware],
+        middlewares=[errors_middleware, gate_middleware(settings.access_token)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
