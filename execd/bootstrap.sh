@@ -1,7 +1,9 @@
 # Sourced (via BASH_ENV) by every session shell before it reads its first command.
-# It defines the daemon's wrapper; execd/shell.py writes one line per run that calls it:
-#   { \__execd_pre SEQ PRELUDE; } 2>/dev/null; \__execd_rc PREV && \builtin source CODE <IN;
-#   { \__execd_post; \builtin trap -p ERR; \builtin printf '\0'; } 2>/dev/null >|DIR/status
+# It defines the daemon's wrapper. Bash reads its command pipe one byte at a time, so the line
+# execd/shell.py writes per run is short: a few assignments, then an alias that expands, at top
+# level (where `source` must run: in a function, a `declare` in the code would make a local), to
+#   pre; [cd DIR &&] { rc PREV &&/|| source CODE <IN; }; { post; trap -p ERR; printf '\0'; } >|FIFO
+#   e.g.  __execd_s=7;__execd_go0        or   __execd_s=8;__execd_p=130;__execd_go1
 # Rules, because the user's shell state persists around them: every function ends with
 # `builtin return 0` and reads variables as ${v-} (set -e, set -u); every builtin is called as
 # `builtin x` (users define functions named cd, export, printf...); every local is named __execd_*
@@ -15,6 +17,25 @@ __execd_seq=
 __execd_intr=
 __execd_last=
 __execd_env_set=
+__execd_s= __execd_p=0 __execd_e= __execd_cd= __execd_in=/dev/null   # per-run parameters
+__execd_user_aliases=1   # the user's expand_aliases, which the wrapper needs on between runs
+__execd_alias0='{ \__execd_pre;} 2>/dev/null;{ [[ -z $__execd_cd ]]||\builtin cd -- "$__execd_cd";}&&{ { \__execd_rc 0;} 2>/dev/null&&\builtin source "$__execd_dir/code" <"$__execd_in";};{ \__execd_post;\builtin trap -p ERR;\builtin printf "\0";} 2>/dev/null >|"$__execd_dir/status"'
+__execd_alias1='{ \__execd_pre;} 2>/dev/null;{ [[ -z $__execd_cd ]]||\builtin cd -- "$__execd_cd";}&&{ { \__execd_rc "$__execd_p";} 2>/dev/null||\builtin source "$__execd_dir/code" <"$__execd_in";};{ \__execd_post;\builtin trap -p ERR;\builtin printf "\0";} 2>/dev/null >|"$__execd_dir/status"'
+
+# Runs after every run, before the next line is read: the user's code may have removed the
+# aliases or switched alias expansion off (pre gives the user their setting back for the code).
+__execd_keep_aliases() {
+  if [[ ${BASH_ALIASES[__execd_go0]-} != "$__execd_alias0" || ${BASH_ALIASES[__execd_go1]-} != "$__execd_alias1" ]]; then
+    builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
+  fi
+  if builtin shopt -q expand_aliases; then
+    __execd_user_aliases=1
+  else
+    __execd_user_aliases=
+    builtin shopt -s expand_aliases
+  fi
+  builtin return 0
+}
 __execd_user_debug=
 __execd_user_extdebug=
 
@@ -107,9 +128,10 @@ __execd_clear_interrupt() {
 # (per-run env, interrupts) are called only when needed.
 __execd_pre() {
   if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
-  __execd_seq=$1
+  if [[ -z $__execd_user_aliases ]]; then builtin shopt -u expand_aliases; fi
+  __execd_seq=$__execd_s
   __execd_last=
-  if [[ $2 == 1 ]]; then builtin source "$__execd_dir/prelude"; fi
+  if [[ -n $__execd_e ]]; then builtin source "$__execd_dir/prelude"; fi
   if [[ -e $__execd_dir/interrupt ]]; then __execd_check_interrupt; fi
   builtin return 0
 }
@@ -126,6 +148,8 @@ __execd_post() {
   __execd_seq=
   if [[ -n $__execd_env_set ]]; then __execd_restore_env; fi
   if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
+  __execd_e= __execd_cd= __execd_in=/dev/null
+  __execd_keep_aliases
   builtin printf '%s\0%s\0%s\0%s\0' "$__execd_done" "$__execd_status" "$__execd_flags" "$PWD"
   builtin return 0
 }
@@ -133,6 +157,7 @@ __execd_post() {
 # The trap's own call is traced under `set -x`: it goes to /dev/null, while the handler (which may
 # run the user's INT trap) gets the real stderr back through fd 19.
 builtin trap '{ \__execd_check_interrupt 2>&19 19>&-; } 19>&2 2>/dev/null' USR2
+__execd_keep_aliases
 if [[ -n ${__EXECD_NOFILE-} ]]; then builtin ulimit -Sn "$__EXECD_NOFILE" 2>/dev/null; fi
 builtin cd -- "$__EXECD_CWD" || builtin exit 97
 builtin unset __EXECD_CWD __EXECD_NOFILE

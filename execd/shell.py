@@ -479,21 +479,21 @@ class Shell:
         prelude = "".join(f"\\__execd_setenv {k} {shlex.quote(v)}\n" for k, v in request.env.items())
         if prelude:
             _write_file(os.path.join(self._dir, "prelude"), prelude.encode())
-        if request.stdin is None:
-            stdin = "/dev/null"
-        else:
+        if request.stdin is not None:
             _write_file(os.path.join(self._dir, "stdin"), request.stdin.encode(errors="surrogateescape"))
-            stdin = '"$__execd_dir/stdin"'
         # Bash reads its commands from a pipe one byte at a time (~0.6 us a byte here), so the line
-        # is short: paths come from $__execd_dir, set once by bootstrap.sh.
-        joiner = "&&" if self._last_exit_code == 0 else "||"
-        rc = f"{{ \\__execd_rc {self._last_exit_code};}} 2>/dev/null{joiner}"
-        source = f'{rc}\\builtin source "$__execd_dir/code" <{stdin}'
+        # is a few assignments and an alias that bootstrap.sh defines (see there).
+        line = [f"__execd_s={run.seq}"]
+        if prelude:
+            line.append("__execd_e=1")
+        if request.stdin is not None:
+            line.append("__execd_in=$__execd_dir/stdin")
         if request.cwd is not None:
-            source = f"\\builtin cd -- {shlex.quote(request.cwd)}&&{{ {source};}}"
-        pre = f"{{ \\__execd_pre {run.seq} {int(bool(prelude))};}} 2>/dev/null"
-        post = "{ \\__execd_post;\\builtin trap -p ERR;\\builtin printf '\\0';} 2>/dev/null >|\"$__execd_dir/status\""
-        return f"{pre};{source};{post}\n"
+            line.append(f"__execd_cd={shlex.quote(request.cwd)}")
+        if self._last_exit_code:
+            line.append(f"__execd_p={self._last_exit_code}")
+        line.append("__execd_go1" if self._last_exit_code else "__execd_go0")
+        return ";".join(line) + "\n"
 
     def _status_for(self, run: _Run) -> _Status | None:
         while self._statuses:

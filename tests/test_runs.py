@@ -559,3 +559,23 @@ async def test_run_env_under_set_u_naming_an_unset_variable_keeps_the_shell(daem
     assert result.stdout == "new=1\n"
     assert result.complete["shell_exited"] is False
     assert (await daemon.run(sid, 'echo "${T_NEW-unset} $-"')).stdout.startswith("unset ")
+
+
+async def test_removing_every_alias_does_not_break_the_session(daemon: Daemon) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "alias ll='echo listed'; unalias -a")
+    result = await daemon.run(sid, "ll 2>/dev/null || echo no-ll; echo alive")
+    assert result.stdout == "no-ll\nalive\n"
+
+
+async def test_switching_alias_expansion_off_is_kept_for_the_users_code(daemon: Daemon) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "alias hi='echo expanded'; shopt -u expand_aliases")
+    result = await daemon.run(
+        sid, "shopt -q expand_aliases && echo on || echo off; hi 2>/dev/null || echo not-expanded"
+    )
+    assert result.stdout == "off\nnot-expanded\n"
+    await daemon.run(sid, "shopt -s expand_aliases")
+    assert (await daemon.run(sid, "hi")).stdout == "expanded\n"
