@@ -34,6 +34,9 @@ from execd.shell import (
 )
 
 log = get_logger("execd.registry")
+# How a run in progress ends when the daemon ends its session.
+SESSION_CLOSED = Aborted("SESSION_CLOSED", "the session was closed")
+SHUTTING_DOWN = Aborted("SHUTTING_DOWN", "the daemon is shutting down")
 T = TypeVar("T")
 
 __all__ = ["Aborted", "Completed", "NoActiveRun", "RunRequest", "ShellBusy"]
@@ -383,9 +386,7 @@ class Registry:
     def start_run(self, session: Session, request: RunRequest, run_id: str, timeout_ms: int) -> ActiveRun:
         if self.shutting_down:
             raise ShuttingDown()
-        if not session.state.live:
-            raise SessionEnded(session)
-        if session.state == SessionState.STARTING:
+        if session.state not in (SessionState.IDLE, SessionState.RUNNING):  # RUNNING: the shell says busy
             raise SessionEnded(session)
         limit = self.config.max_run_timeout_ms
         effective_ms = min(timeout_ms, limit) if timeout_ms > 0 else limit
@@ -412,7 +413,7 @@ class Registry:
         log.info("run_interrupted", session_id=session.id, run_id=interrupted, signal=sig.name, cause="request")
         return interrupted
 
-    async def close(self, session: Session, reason: str, abort_code: str = "SESSION_CLOSED") -> None:
+    async def close(self, session: Session, reason: str) -> None:
         """Kill every process of a live session and release its fds; wait for an ended one's cleanup.
 
         The work runs in a task of its own: a DELETE whose client goes away (aiohttp then cancels
@@ -420,13 +421,12 @@ class Registry:
         """
         if session.state.live:
             session.transition(SessionState.CLOSING, reason)
-            message = "the session was closed" if abort_code == "SESSION_CLOSED" else "the daemon is shutting down"
-            await asyncio.shield(self.spawn(self._close(session, reason, Aborted(abort_code, message))))
+            await asyncio.shield(self.spawn(self._close(session, reason)))
         else:
             await session.closed.wait()
 
-    async def _close(self, session: Session, reason: str, abort: Aborted) -> None:
-        await self._clean_up(session, abort)
+    async def _close(self, session: Session, reason: str) -> None:
+        await self._clean_up(session, SESSION_CLOSED)
         session.transition(SessionState.CLOSED)
         log.info("session_closed", session_id=session.id, reason=reason)
 
@@ -512,15 +512,14 @@ class Registry:
         live = [s for s in self.sessions.values() if s.state.live]
         if live:
             log.info("sessions_closing_for_shutdown", count=len(live))
-        reason = Aborted("SHUTTING_DOWN", "the daemon is shutting down")
         for session in live:
             session.transition(SessionState.CLOSING, "shutdown")
-            session.shell.set_abort(reason)
+            session.shell.set_abort(SHUTTING_DOWN)
         # One sweep of /proc for all of them: closing a thousand sessions one by one takes minutes.
         sessions = {s.id: s.shell.live_pid for s in live}
         if sessions and not await asyncio.to_thread(process.kill_sessions, sessions):
             log.warning("session_processes_survived_kill", sessions=len(sessions))
-        await asyncio.gather(*(self._clean_up(s, reason, killed=True) for s in live))
+        await asyncio.gather(*(self._clean_up(s, SHUTTING_DOWN, killed=True) for s in live))
         for session in live:
             session.transition(SessionState.CLOSED)
         if self._cleanups:
@@ -531,7 +530,7 @@ class Registry:
         pending = [s for s in self.sessions.values() if not s.closed.is_set()]
         process.kill_sessions({s.id: s.shell.live_pid for s in pending}, timeout_s=0.5)
         for session in pending:
-            session.shell.kill(Aborted("SHUTTING_DOWN", "the daemon is shutting down"), killed=True)
+            session.shell.release_killed(SHUTTING_DOWN)
 
 
 def _package_root() -> str:

@@ -129,12 +129,11 @@ class _Status:
         return cls(seq, int(code), flags, cwd, bool(err_trap))
 
 
-def shell_environment(base: Mapping[str, str], session_id: str, extra: Mapping[str, str]) -> dict[str, str]:
+def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str]:
     """The daemon's environment minus every EXECD_* setting or secret, plus defaults and the tag."""
     env = {k: v for k, v in base.items() if not k.startswith("EXECD_") and k != "BASH_ENV"}
     for key, value in _NON_INTERACTIVE_DEFAULTS.items():
         env.setdefault(key, value)
-    env.update(extra)
     env[process.SESSION_TAG] = session_id
     return env
 
@@ -213,7 +212,7 @@ class Shell:
                 fcntl.fcntl(self._fds[name], _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass  # a smaller pipe is slower, not wrong
-        env = shell_environment(self.config.env, self.config.session_id, {})
+        env = shell_environment(self.config.env, self.config.session_id)
         env.update(BASH_ENV=_BOOTSTRAP, __EXECD_DIR=self._dir, __EXECD_CWD=self.config.cwd)
         if self.config.fd_limit:
             env["__EXECD_NOFILE"] = str(self.config.fd_limit)
@@ -272,14 +271,12 @@ class Shell:
                     self._reap(block=True)
         self._release()
 
-    def kill(self, reason: Aborted | None, *, killed: bool = False) -> None:
-        """Like close, without waiting for anything: for a forced exit."""
+    def release_killed(self, reason: Aborted | None) -> None:
+        """Like close, without waiting for anything, once the caller has killed the session's
+        processes (a forced exit): reap the shell and release every fd."""
         self.set_abort(reason)
-        if self.pid:
-            if not killed:
-                process.kill_sessions({self.config.session_id: self.live_pid}, timeout_s=0.5)
-            if self.returncode is None:
-                self._reap(block=True)
+        if self.returncode is None and self.pid:
+            self._reap(block=True)
         self._release()
 
     async def _exited(self) -> None:
@@ -531,12 +528,12 @@ class Shell:
         return Aborted("SESSION_DIED", f"the shell was killed by {name}")
 
     def _end_run(self, run: _Run) -> None:
+        self._run = None
         if run.interrupt_signal is not None:
             run.ended = process.now()  # bounds the escalation that may still be pending
-        self._run = None
-        if self._dir and run.interrupt_signal is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self._dir, "interrupt"))
+            if self._dir:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._dir, "interrupt"))
         for fd in list(self._paused):
             self._resume(fd)  # between runs, output is drained as it comes
 
