@@ -2,8 +2,10 @@
 # It defines the daemon's wrapper. Bash reads its command pipe one byte at a time, so the line
 # execd/shell.py writes per run is short: a few assignments, then an alias that expands, at top
 # level (where `source` must run: in a function, a `declare` in the code would make a local), to
-#   pre; [cd DIR &&] { rc PREV &&/|| source CODE <IN; }; { post; trap -p ERR; printf '\0'; } >|FIFO
+#   pre; [cd DIR &&] [rc PREV ||] source CODE <IN; { st=$?; trap -p ERR; post; } >|FIFO 2>&1
 #   e.g.  __execd_s=7;__execd_go0        or   __execd_s=8;__execd_p=130;__execd_go1
+# Each function call costs bash ~5-15 us and each redirection ~10 us (measured), so the common
+# path has two calls, and one write to the FIFO when there is no ERR trap (one wake-up).
 # Rules, because the user's shell state persists around them: every function ends with
 # `builtin return 0` and reads variables as ${v-} (set -e, set -u); every builtin is called as
 # `builtin x` (users define functions named cd, export, printf...); every local is named __execd_*
@@ -18,24 +20,13 @@ __execd_intr=
 __execd_last=
 __execd_env_set=
 __execd_s= __execd_p=0 __execd_e= __execd_cd= __execd_in=/dev/null   # per-run parameters
+__execd_st=0
 __execd_user_aliases=1   # the user's expand_aliases, which the wrapper needs on between runs
-__execd_alias0='{ \__execd_pre;} 2>/dev/null;{ [[ -z $__execd_cd ]]||\builtin cd -- "$__execd_cd";}&&{ { \__execd_rc 0;} 2>/dev/null&&\builtin source "$__execd_dir/code" <"$__execd_in";};{ \__execd_post;\builtin trap -p ERR;\builtin printf "\0";} 2>/dev/null >|"$__execd_dir/status"'
-__execd_alias1='{ \__execd_pre;} 2>/dev/null;{ [[ -z $__execd_cd ]]||\builtin cd -- "$__execd_cd";}&&{ { \__execd_rc "$__execd_p";} 2>/dev/null||\builtin source "$__execd_dir/code" <"$__execd_in";};{ \__execd_post;\builtin trap -p ERR;\builtin printf "\0";} 2>/dev/null >|"$__execd_dir/status"'
+# The status block's stderr goes to the FIFO too (2>&1 costs a dup, 2>/dev/null an open): under
+# `set -x` the trace of its first commands lands before the record, with `trap -p ERR`'s output.
+__execd_alias0='\__execd_pre;{ [[ -z $__execd_cd ]]||\builtin cd -- "$__execd_cd";}&&\builtin source "$__execd_dir/code" <"$__execd_in";{ __execd_st=$?;\builtin trap -p ERR;\__execd_post;} >|"$__execd_dir/status" 2>&1'
+__execd_alias1='\__execd_pre;{ [[ -z $__execd_cd ]]||\builtin cd -- "$__execd_cd";}&&{ \__execd_rc "$__execd_p"||\builtin source "$__execd_dir/code" <"$__execd_in";};{ __execd_st=$?;\builtin trap -p ERR;\__execd_post;} >|"$__execd_dir/status" 2>&1'
 
-# Runs after every run, before the next line is read: the user's code may have removed the
-# aliases or switched alias expansion off (pre gives the user their setting back for the code).
-__execd_keep_aliases() {
-  if [[ ${BASH_ALIASES[__execd_go0]-} != "$__execd_alias0" || ${BASH_ALIASES[__execd_go1]-} != "$__execd_alias1" ]]; then
-    builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
-  fi
-  if builtin shopt -q expand_aliases; then
-    __execd_user_aliases=1
-  else
-    __execd_user_aliases=
-    builtin shopt -s expand_aliases
-  fi
-  builtin return 0
-}
 __execd_user_debug=
 __execd_user_extdebug=
 
@@ -124,8 +115,8 @@ __execd_clear_interrupt() {
   builtin return 0
 }
 
-# pre and post run for every run: each function call costs bash ~10-20 us, so the rare paths
-# (per-run env, interrupts) are called only when needed.
+# pre and post run for every run: the rare paths (per-run env, interrupts) are called only when
+# needed.
 __execd_pre() {
   if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
   if [[ -z $__execd_user_aliases ]]; then builtin shopt -u expand_aliases; fi
@@ -136,12 +127,13 @@ __execd_pre() {
   builtin return 0
 }
 
-# Reports SEQ, STATUS, FLAGS and PWD, each NUL-terminated, on stdout, which the run's line sends
-# to the private FIFO that only the daemon reads, followed by `trap -p ERR` (at top level: a
-# function does not see the ERR trap). With an ERR trap the code file ends by saving $? in
-# __execd_last, so that `source` itself returns 0 and the trap does not fire twice.
+# Reports SEQ, STATUS (the code's $?, saved in __execd_st), FLAGS and PWD, each after a NUL, on
+# stdout, which the run's line sends to the private FIFO that only the daemon reads, after the
+# output of `trap -p ERR` (at top level: a function does not see the ERR trap). With an ERR trap
+# the code file ends by saving $? in __execd_last, so that `source` itself returns 0 and the trap
+# does not fire twice.
 __execd_post() {
-  builtin local __execd_status=$? __execd_flags=$- __execd_done=$__execd_seq
+  builtin local __execd_status=$__execd_st __execd_flags=$- __execd_done=$__execd_seq
   if [[ $__execd_flags == *[xv]* ]]; then builtin set +xv; fi
   if [[ -n $__execd_last && $__execd_status == 0 ]]; then __execd_status=$__execd_last; fi
   # No run is on from here: an interrupt signal that arrives late must not arm the next run.
@@ -149,16 +141,26 @@ __execd_post() {
   if [[ -n $__execd_env_set ]]; then __execd_restore_env; fi
   if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
   __execd_e= __execd_cd= __execd_in=/dev/null
-  __execd_keep_aliases
-  builtin printf '%s\0%s\0%s\0%s\0' "$__execd_done" "$__execd_status" "$__execd_flags" "$PWD"
+  # The user's code may have removed the aliases or switched alias expansion off: the next line
+  # needs both (pre gives the user their setting back for their code). Inline: a call costs.
+  if [[ ${BASH_ALIASES[__execd_go0]-} != "$__execd_alias0" || ${BASH_ALIASES[__execd_go1]-} != "$__execd_alias1" ]]; then
+    builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
+  fi
+  if builtin shopt -q expand_aliases; then
+    __execd_user_aliases=1
+  else
+    __execd_user_aliases=
+    builtin shopt -s expand_aliases
+  fi
+  builtin printf '\0%s\0%s\0%s\0%s\0' "$__execd_done" "$__execd_status" "$__execd_flags" "$PWD"
   builtin return 0
 }
 
 # The trap's own call is traced under `set -x`: it goes to /dev/null, while the handler (which may
 # run the user's INT trap) gets the real stderr back through fd 19.
 builtin trap '{ \__execd_check_interrupt 2>&19 19>&-; } 19>&2 2>/dev/null' USR2
-__execd_keep_aliases
+builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
 if [[ -n ${__EXECD_NOFILE-} ]]; then builtin ulimit -Sn "$__EXECD_NOFILE" 2>/dev/null; fi
 builtin cd -- "$__EXECD_CWD" || builtin exit 97
 builtin unset __EXECD_CWD __EXECD_NOFILE
-builtin printf '%s\0%s\0%s\0%s\0\0' ready 0 "$-" "$PWD" >|"$__execd_dir/status"
+builtin printf '\0%s\0%s\0%s\0%s\0' ready 0 "$-" "$PWD" >|"$__execd_dir/status"

@@ -125,8 +125,10 @@ class _Status:
 
     @classmethod
     def parse(cls, fields: list[bytes]) -> _Status:
-        seq, code, flags, cwd, err_trap = (f.decode(errors="surrogateescape") for f in fields)
-        return cls(seq, int(code), flags, cwd, bool(err_trap))
+        """`trap -p ERR` output (under `set -x`, the trace of the wrapper's first lines comes
+        before it), then SEQ, STATUS, FLAGS, PWD: one write when there is no ERR trap."""
+        lead, seq, code, flags, cwd = fields
+        return cls(seq.decode(), int(code), flags.decode(), cwd.decode(errors="surrogateescape"), b"trap -- " in lead)
 
 
 def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str]:

@@ -334,7 +334,8 @@ async def test_output_limit_truncates_on_a_character_boundary_and_the_command_co
     session = await daemon.create()
     sid = session["session_id"]
     marker = tmp_path / "finished"
-    code = f"for i in $(seq 1 2000); do printf 'é'; done; echo over-the-limit >&2; touch {marker}; return 7"
+    # The pause lets the reader take all of stdout first: the two pipes carry no common order.
+    code = f"for i in $(seq 1 2000); do printf 'é'; done; sleep 0.3; echo over-the-limit >&2; touch {marker}; return 7"
     result = await daemon.run(sid, code)
     complete = result.complete
     assert complete["output_truncated"] is True
@@ -536,6 +537,19 @@ async def test_set_x_traces_only_the_users_commands(daemon: Daemon) -> None:
     off = await daemon.run(sid, "set +x; echo quiet")
     assert off.stdout == "quiet\n"
     assert (await daemon.run(sid, "echo untraced")).stderr == ""
+
+
+async def test_set_x_with_an_err_trap_keeps_the_status_and_fires_the_trap_once(daemon: Daemon) -> None:
+    # The wrapper's trace and `trap -p ERR` share the status channel with the record.
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "trap 'echo ERR >&2' ERR; set -x")
+    result = await daemon.run(sid, "(exit 7)")
+    assert result.complete["exit_code"] == 7
+    assert result.stderr.splitlines().count("ERR") == 1  # besides the trace of `echo ERR`
+    quiet = await daemon.run(sid, "set +x; trap - ERR; true")
+    assert quiet.complete["exit_code"] == 0
+    assert (await daemon.run(sid, "false")).stderr == ""
 
 
 async def test_cwd_with_undecodable_bytes_is_reported_with_replacement_characters(
