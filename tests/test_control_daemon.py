@@ -8,10 +8,12 @@ and would steal the subprocess's exit status.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -182,3 +184,24 @@ async def test_sigkill_to_the_daemons_process_group_still_sweeps(daemon_process:
         KILL_SWEEP_S + SCHEDULING_SLACK_S,
         "every session process gone after the daemon's group was killed",
     )
+
+
+async def test_json_logs_say_each_run_once_with_its_ids_and_never_its_code(daemon_process: object) -> None:
+    daemon: DaemonProcess = await daemon_process()  # type: ignore[operator]
+    session = await daemon.create()
+    sid = session["session_id"]
+    stream = await daemon.run(sid, "echo secret-code-marker; (exit 3)")
+    run_id = stream.events[0].data["run_id"]
+
+    def logged_end() -> list[dict[str, Any]]:
+        events = [json.loads(line) for line in log_text().splitlines()]  # every line is one JSON event
+        return [e for e in events if e["event"] == "run_finished"]
+
+    def log_text() -> str:
+        return Path(daemon.log.name).read_text()
+
+    await poll(lambda: bool(logged_end()), 5, "run_finished logged")
+    (finished,) = logged_end()
+    assert (finished["session_id"], finished["run_id"], finished["exit_code"]) == (sid, run_id, 3)
+    assert finished["level"] == "info" and "timestamp" in finished
+    assert "secret-code-marker" not in log_text()
