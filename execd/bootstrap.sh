@@ -5,7 +5,9 @@
 #   pre; [cd DIR &&] [rc PREV ||] source CODE <IN; { st=$?; trap -p ERR; post; } >|FIFO 2>&1
 #   e.g.  __execd_s=7;__execd_go0        or   __execd_s=8;__execd_p=130;__execd_go1
 # Each function call costs bash ~5-15 us and each redirection ~10 us (measured), so the common
-# path has two calls, and one write to the FIFO when there is no ERR trap (one wake-up).
+# path has two calls and nothing it can skip (checking the aliases cost ~20 us: a missing alias
+# is noticed when its name runs __execd_go0 below instead), and one write to the FIFO when there
+# is no ERR trap (one wake-up for the daemon).
 # Rules, because the user's shell state persists around them: every function ends with
 # `builtin return 0` and reads variables as ${v-} (set -e, set -u); every builtin is called as
 # `builtin x` (users define functions named cd, export, printf...); every local is named __execd_*
@@ -115,15 +117,19 @@ __execd_clear_interrupt() {
   builtin return 0
 }
 
-# pre and post run for every run: the rare paths (per-run env, interrupts) are called only when
-# needed.
+# pre and post run for every run, and test once for everything rare (a per-run env, an interrupt,
+# alias expansion switched off, an ERR trap's status), which they leave to functions of their own.
 __execd_pre() {
+  if [[ -n $__execd_intr$__execd_e || -z $__execd_user_aliases ]]; then __execd_pre_rare; fi
+  __execd_seq=$__execd_s
+  if [[ -e $__execd_dir/interrupt ]]; then __execd_check_interrupt; fi
+  builtin return 0
+}
+
+__execd_pre_rare() {
   if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
   if [[ -z $__execd_user_aliases ]]; then builtin shopt -u expand_aliases; fi
-  __execd_seq=$__execd_s
-  __execd_last=
   if [[ -n $__execd_e ]]; then builtin source "$__execd_dir/prelude"; fi
-  if [[ -e $__execd_dir/interrupt ]]; then __execd_check_interrupt; fi
   builtin return 0
 }
 
@@ -133,26 +139,38 @@ __execd_pre() {
 # the code file ends by saving $? in __execd_last, so that `source` itself returns 0 and the trap
 # does not fire twice.
 __execd_post() {
-  builtin local __execd_status=$__execd_st __execd_flags=$- __execd_done=$__execd_seq
+  builtin local __execd_flags=$-
   if [[ $__execd_flags == *[xv]* ]]; then builtin set +xv; fi
-  if [[ -n $__execd_last && $__execd_status == 0 ]]; then __execd_status=$__execd_last; fi
   # No run is on from here: an interrupt signal that arrives late must not arm the next run.
   __execd_seq=
+  if [[ -n $__execd_last$__execd_env_set$__execd_intr || -z $__execd_user_aliases ]]; then __execd_post_rare; fi
+  __execd_e= __execd_cd= __execd_in=/dev/null
+  builtin printf '\0%s\0%s\0%s\0%s\0' "$__execd_s" "$__execd_st" "$__execd_flags" "$PWD"
+  builtin return 0
+}
+
+__execd_post_rare() {
+  if [[ -n $__execd_last && $__execd_st == 0 ]]; then __execd_st=$__execd_last; fi
+  __execd_last=
   if [[ -n $__execd_env_set ]]; then __execd_restore_env; fi
   if [[ -n $__execd_intr ]]; then __execd_clear_interrupt; fi
-  __execd_e= __execd_cd= __execd_in=/dev/null
-  # The user's code may have removed the aliases or switched alias expansion off: the next line
-  # needs both (pre gives the user their setting back for their code). Inline: a call costs.
-  if [[ ${BASH_ALIASES[__execd_go0]-} != "$__execd_alias0" || ${BASH_ALIASES[__execd_go1]-} != "$__execd_alias1" ]]; then
-    builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
+  if [[ -z $__execd_user_aliases ]]; then
+    # The user's code may have switched alias expansion back on; the next line needs it on.
+    if builtin shopt -q expand_aliases; then __execd_user_aliases=1; else builtin shopt -s expand_aliases; fi
   fi
-  if builtin shopt -q expand_aliases; then
-    __execd_user_aliases=1
-  else
-    __execd_user_aliases=
-    builtin shopt -s expand_aliases
-  fi
-  builtin printf '\0%s\0%s\0%s\0%s\0' "$__execd_done" "$__execd_status" "$__execd_flags" "$PWD"
+  builtin return 0
+}
+
+# The line's alias did not expand: the user's code removed the aliases, or switched alias
+# expansion off. Then the name is found as this function, which puts both back (remembering the
+# user's setting, which pre hands back to their code) and asks the daemon to send the line again.
+__execd_go0() { __execd_realias; }
+__execd_go1() { __execd_realias; }
+__execd_realias() {
+  if builtin shopt -q expand_aliases; then __execd_user_aliases=1; else __execd_user_aliases=; fi
+  builtin shopt -s expand_aliases
+  builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
+  builtin printf '\0%s\0again\0\0\0' "$__execd_s" >|"$__execd_dir/status"
   builtin return 0
 }
 

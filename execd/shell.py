@@ -33,6 +33,7 @@ from execd.logging import get_logger
 log = get_logger("execd.shell")
 Stream = Literal["stdout", "stderr"]
 READ_SIZE = 64 * 1024
+MAX_SENDS = 3  # a run's line is sent again when the user's code broke the wrapper's alias
 QUIET_S = 0.002  # how long a run may be quiet before a batching caller is told to send
 PIPE_SIZE = 1024 * 1024
 INTERRUPT_SIGNAL = signal.SIGUSR2  # the shell's own handler for the daemon's interrupts
@@ -150,6 +151,8 @@ class _Run:
         self.ended: process.Moment | None = None
         self.interrupt_signal: signal.Signals | None = None
         self.reported = False  # the shell has said the code finished (the reader may lag behind)
+        self.line = b""  # what was written to the shell's command pipe to start the run
+        self.sent = 1
         self.timed_out = False
         self.escalations: list[asyncio.TimerHandle] = []
 
@@ -336,6 +339,9 @@ class Shell:
         complete = (len(fields) - 1) // _Status.FIELDS * _Status.FIELDS
         self._status_buffer = b"\0".join(fields[complete:])
         for i in range(0, complete, _Status.FIELDS):
+            if fields[i + 2] == b"again":
+                self._send_again(fields[i + 1].decode(errors="replace"))
+                continue
             try:
                 status = _Status.parse(fields[i : i + _Status.FIELDS])
                 self._statuses.append(status)
@@ -347,6 +353,21 @@ class Shell:
                     "status_record_invalid", session_id=self.config.session_id, record=fields[i : i + _Status.FIELDS]
                 )
         self._wake()
+
+    def _send_again(self, seq: str) -> None:
+        """The user's code removed the wrapper's aliases or switched alias expansion off; the shell
+        has put both back and asks for the run's line again."""
+        run = self._run
+        if run is None or run.seq != seq or run.reported or "stdin" not in self._fds:
+            return
+        run.sent += 1
+        if run.sent > MAX_SENDS:
+            log.error("run_line_refused", session_id=self.config.session_id, run_id=run.run_id, sends=run.sent)
+            return
+        try:
+            _write_all(self._fds["stdin"], run.line)
+        except BrokenPipeError:
+            pass  # the shell has ended: its exit ends the run
 
     async def _next_status(self) -> None:
         while not self._statuses:
@@ -454,9 +475,9 @@ class Shell:
         self._seq += 1
         run = _Run(run_id, self._seq)
         self._write_code(request.code)
-        line = self._command_line(run, request)
+        run.line = self._command_line(run, request).encode()
         try:
-            _write_all(self._fds["stdin"], line.encode())
+            _write_all(self._fds["stdin"], run.line)
         except BrokenPipeError as exc:
             raise ShellGone("the shell has ended") from exc
         self._run = run

@@ -581,6 +581,11 @@ async def test_removing_every_alias_does_not_break_the_session(daemon: Daemon) -
     await daemon.run(sid, "alias ll='echo listed'; unalias -a")
     result = await daemon.run(sid, "ll 2>/dev/null || echo no-ll; echo alive")
     assert result.stdout == "no-ll\nalive\n"
+    # Again with a failing status to hand on and every per-run parameter: the line goes twice.
+    await daemon.run(sid, "unalias -a; (exit 4)")
+    again = await daemon.run(sid, 'echo "$? $T_A $(pwd) $(cat)"', cwd="/usr", env={"T_A": "a"}, stdin="in")
+    assert again.stdout == "4 a /usr in\n"
+    assert (await daemon.run(sid, 'echo "${T_A-gone}"')).stdout == "gone\n"
 
 
 async def test_switching_alias_expansion_off_is_kept_for_the_users_code(daemon: Daemon) -> None:
