@@ -80,13 +80,17 @@ class TextChunker:
 
 
 FLUSH_BYTES = 64 * 1024
+# Output that never pauses long enough for a quiet flush still goes out this often: live, not
+# held until 64 KiB have piled up.
+FLUSH_DELAY_S = 0.005
 
 
 class RunStream:
     """Writes one run's events: seq numbering, the output limit, pings while quiet.
 
-    Events are batched: they go out when 64 KiB are waiting, when the caller says the run has gone
-    quiet (`flush`), and at the end, so a short run costs one write instead of three.
+    Events are batched: they go out when 64 KiB are waiting, when the oldest has waited 5 ms, when
+    the caller says the run has gone quiet (`flush`), and at the end, so a short run costs one
+    write instead of three.
     """
 
     def __init__(self, writer: Writer, run_id: str, max_output_bytes: int, ping_s: float) -> None:
@@ -104,6 +108,7 @@ class RunStream:
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._pending_since = 0.0  # when the oldest batched event was written
 
     # ----- pings -----------------------------------------------------------------------------
 
@@ -141,10 +146,13 @@ class RunStream:
     # ----- events ----------------------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
-        self._last_write = time.monotonic()
+        now = time.monotonic()
+        if not self._pending:
+            self._pending_since = now
+        self._last_write = now
         self._pending.append(data)
         self._pending_size += len(data)
-        if self._pending_size >= FLUSH_BYTES:
+        if self._pending_size >= FLUSH_BYTES or now - self._pending_since >= FLUSH_DELAY_S:
             await self.flush()
 
     def _take_pending(self) -> bytes:

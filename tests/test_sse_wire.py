@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
+from pathlib import Path
 
 from tests.conftest import Daemon, DaemonFactory, RunResult, read_run
+from tests.helpers_control import open_run
 
 FRAME = re.compile(rb"id: (\d+)\nevent: ([a-z_]+)\ndata: ([^\n]*)\n\n")
 PING = b": ping\n\n"
@@ -166,3 +169,29 @@ async def test_event_json_is_compact(daemon: Daemon) -> None:
         if line.startswith("data: "):
             body = line[len("data: ") :]
             assert body == json.dumps(json.loads(body), ensure_ascii=False, separators=(",", ":"))
+
+
+async def test_output_that_never_pauses_reaches_the_client_while_it_flows(daemon: Daemon, tmp_path: Path) -> None:
+    # A line every 1.5 ms (busy-waiting: no pause of 2 ms that would count as quiet) for 0.6 s is
+    # under one 64 KiB batch of events: it reaches the client while it flows only because a batch
+    # goes out once its oldest event has waited a few ms. The program stops once the client has
+    # seen a line.
+    seen = tmp_path / "seen"
+    program = tmp_path / "trickle.py"
+    program.write_text(
+        "import os, sys, time\n"
+        "for _ in range(400):\n"
+        f"    if os.path.exists({str(seen)!r}):\n"
+        "        print('client-saw-output-live'); break\n"
+        "    sys.stdout.write('tick\\n'); sys.stdout.flush()\n"
+        "    until = time.perf_counter() + 0.0015\n"
+        "    while time.perf_counter() < until: pass\n"
+        "else:\n"
+        "    print('client-saw-nothing')\n"
+    )
+    session = await daemon.create()
+    stream = await open_run(daemon.client, session["session_id"], f"{sys.executable} {program}")
+    await stream.until_stdout("tick", timeout=60)
+    seen.touch()
+    await stream.until_terminal(timeout=60)
+    assert stream.stdout.endswith("client-saw-output-live\n"), stream.stdout[-200:]
