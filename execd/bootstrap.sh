@@ -31,6 +31,7 @@ __execd_alias1='\__execd_pre;{ [[ -z $__execd_cd ]]||\builtin cd -- "$__execd_cd
 
 __execd_user_debug=
 __execd_user_extdebug=
+__execd_trap=
 
 # Hands a status back as $? so the user's code starts with the previous run's $?.
 __execd_rc() { builtin return "$1"; }
@@ -84,7 +85,8 @@ __execd_check_interrupt_untraced() {
   __execd_intr=$__execd_isig
   if [[ $__execd_isig == INT ]]; then __execd_run_user_int_trap; fi
   # From here on every command of the user's code returns at once (extdebug: DEBUG status 2 = return).
-  __execd_user_debug=$(builtin trap -p DEBUG)
+  __execd_trap_text DEBUG
+  __execd_user_debug=$__execd_trap
   if builtin shopt -q extdebug; then __execd_user_extdebug=1; else __execd_user_extdebug=; fi
   builtin shopt -s extdebug
   builtin trap '{ \__execd_unwind; } 2>/dev/null' DEBUG
@@ -92,12 +94,21 @@ __execd_check_interrupt_untraced() {
 }
 
 __execd_run_user_int_trap() {
-  builtin local __execd_handler
-  __execd_handler=$(builtin trap -p INT)
-  [[ -n $__execd_handler ]] || builtin return 0
-  builtin eval "builtin set -- $__execd_handler"
-  # In POSIX mode an unset trap prints as `trap -- - SIGINT`.
-  if [[ -n ${3-} && $3 != - ]]; then builtin eval "$3"; fi
+  __execd_trap_text INT
+  [[ -n $__execd_trap ]] || builtin return 0
+  builtin eval "builtin set -- $__execd_trap"
+  # In POSIX mode an unset trap prints as `trap -- - SIGINT`; the wrapper's own does nothing.
+  if [[ -n ${3-} && $3 != - && $3 != "$__execd_sigint_trap" ]]; then builtin eval "$3"; fi
+  builtin return 0
+}
+
+# What `trap -p SIGNAL` prints, in __execd_trap. Not by command substitution: its subshell would
+# count among the run's processes, and the interrupt's SIGINT would kill it.
+__execd_trap_text() {
+  builtin trap -p "$1" >|"$__execd_dir/trap"
+  __execd_trap=
+  IFS= builtin read -r -d '' __execd_trap <"$__execd_dir/trap" || :
+  __execd_trap=${__execd_trap%$'\n'}
   builtin return 0
 }
 
@@ -173,6 +184,14 @@ __execd_realias() {
   builtin printf '\0%s\0again\0\0\0' "$__execd_s" >|"$__execd_dir/status"
   builtin return 0
 }
+
+# bash sends itself SIGINT when a command substitution's process dies of SIGINT, so an interrupt
+# of `x=$(sleep 100)` would end a non-interactive shell. With a trap on SIGINT it lives on, as an
+# interactive shell does; the interrupt itself is the USR2 trap's work. (Programs the shell starts
+# get SIGINT's default action back, as with any trap.)
+__execd_sigint_trap='\__execd_sigint'
+__execd_sigint() { builtin return 0; }
+builtin trap "$__execd_sigint_trap" INT
 
 # The trap's own call is traced under `set -x`: it goes to /dev/null, while the handler (which may
 # run the user's INT trap) gets the real stderr back through fd 19.

@@ -183,6 +183,35 @@ async def test_interrupt_stops_a_busy_loop_inside_nested_functions(daemon: Daemo
     assert stream.stdout == ""
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        'x=$(sleep 100); echo "AFTER $x"',
+        'for i in 1 2; do y=$(sleep 100); echo "AFTER $i"; done',
+        "echo $(sleep 100) | cat",
+    ],
+    ids=["assignment", "loop", "pipeline"],
+)
+async def test_interrupt_of_a_command_substitution_keeps_the_shell(daemon: Daemon, code: str) -> None:
+    # bash sends itself SIGINT when a command substitution dies of it: a plain script would end.
+    session = await daemon.create()
+    stream, complete = await interrupted_run(daemon, session, code)
+    assert (complete["exit_code"], complete["interrupted"], complete["shell_exited"]) == (130, True, False)
+    assert "AFTER" not in stream.stdout
+    assert (await daemon.run(session["session_id"], "echo alive")).stdout == "alive\n"
+
+
+async def test_the_users_int_trap_runs_when_a_command_substitution_is_interrupted(daemon: Daemon) -> None:
+    session = await daemon.create()
+    await daemon.run(session["session_id"], "trap 'echo TRAPPED' INT")
+    stream, complete = await interrupted_run(daemon, session, 'x=$(sleep 100); echo "AFTER $x"')
+    assert complete["exit_code"] == 130
+    # Once by the daemon's interrupt, and again if bash's own SIGINT got there first (README).
+    assert 1 <= stream.stdout.count("TRAPPED") <= 2 and "AFTER" not in stream.stdout
+    listed = await daemon.run(session["session_id"], "trap -p INT")
+    assert listed.stdout == "trap -- 'echo TRAPPED' SIGINT\n"
+
+
 async def test_interrupt_stops_every_process_of_a_pipeline(daemon: Daemon) -> None:
     session = await daemon.create()
     stream = await running(daemon, session, "sleep 100 | cat | sort; echo AFTER")
