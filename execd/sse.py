@@ -68,7 +68,11 @@ class TextChunker:
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._pending = False
+        self._pending = False  # the decoder holds the start of a character
+
+    @property
+    def holds_partial_character(self) -> bool:
+        return self._pending
 
     def feed(self, data: bytes, final: bool = False) -> bytes | str:
         """ASCII comes back as bytes (the fast path), anything else as decoded text."""
@@ -226,5 +230,6 @@ class RunStream:
 
     async def flush_text(self) -> None:
         """At the end of a run: what an incomplete UTF-8 sequence left behind becomes U+FFFD."""
-        for stream in self._chunkers:
-            await self.send_output(stream, b"", final=True)
+        for stream, chunker in self._chunkers.items():
+            if chunker.holds_partial_character:
+                await self.send_output(stream, b"", final=True)

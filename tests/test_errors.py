@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,20 @@ async def test_chunked_body_over_the_limit_is_a_413(make_daemon: DaemonFactory) 
 
     response = await daemon.client.post(f"/session/{sid}/run", data=chunks())
     await expect_error(response, 413, "PAYLOAD_TOO_LARGE")
+
+
+async def test_a_body_that_arrives_in_pieces_after_its_headers_is_read_whole(daemon: Daemon) -> None:
+    # Most bodies come with the headers; this one makes the daemon wait for the rest.
+    sid = await _session_id(daemon)
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield b'{"code": "echo '
+        await asyncio.sleep(0.05)
+        yield b'slow-body"}'
+
+    async with daemon.client.post(f"/session/{sid}/run", data=slowly()) as response:
+        assert response.status == 200
+        assert b'"text":"slow-body\\n"' in await response.read()
 
 
 # ----- 404 SESSION_NOT_FOUND ------------------------------------------------------------------

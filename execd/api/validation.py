@@ -24,12 +24,19 @@ async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
     """The body as a JSON object; an empty body is `{}`. Over `max_bytes` is a 413."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"the body ({request.content_length} bytes) is over the limit of {max_bytes} bytes")
+    # Most bodies came with the headers: take what is there, and wait only while more is to come.
     chunks, size = [], 0
-    while chunk := await request.content.read(65536):
+    chunk = request.content.read_nowait()
+    while True:
         size += len(chunk)
         if size > max_bytes:
             raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes")
         chunks.append(chunk)
+        if request.content.at_eof():
+            break
+        chunk = await request.content.read(65536)
+        if not chunk:
+            break
     raw = b"".join(chunks)
     if not raw.strip():
         return {}
