@@ -56,11 +56,11 @@ __execd_restore_env() {
   for __execd_name in "${!__execd_saved_attrs[@]}"; do
     __execd_attrs=${__execd_saved_attrs[$__execd_name]}
     if [[ $__execd_attrs == unset ]]; then
-      builtin unset -v -- "$__execd_name" || :
+      builtin unset -v -- "$__execd_name" || builtin :
     else
-      builtin export -n -- "$__execd_name" || :
-      builtin printf -v "$__execd_name" '%s' "${__execd_saved_values[$__execd_name]}" || :
-      if [[ $__execd_attrs == *x* ]]; then builtin export -- "$__execd_name" || :; fi
+      builtin export -n -- "$__execd_name" || builtin :
+      builtin printf -v "$__execd_name" '%s' "${__execd_saved_values[$__execd_name]}" || builtin :
+      if [[ $__execd_attrs == *x* ]]; then builtin export -- "$__execd_name" || builtin :; fi
     fi
   done
   __execd_saved_values=()
@@ -102,12 +102,17 @@ __execd_run_user_int_trap() {
   builtin return 0
 }
 
-# What `trap -p SIGNAL` prints, in __execd_trap. Not by command substitution: its subshell would
-# count among the run's processes, and the interrupt's SIGINT would kill it.
+# What `trap -p SIGNAL` prints, in __execd_trap, through the private FIFO "scratch" (written, then
+# read back on one fd). Not by command substitution: its subshell would count among the run's
+# processes, the interrupt's SIGINT could kill it, and the child would run the pending traps. Not
+# through a regular file: `ulimit -f 0` would end the shell (SIGXFSZ).
 __execd_trap_text() {
-  builtin trap -p "$1" >|"$__execd_dir/trap"
+  builtin local __execd_fd
   __execd_trap=
-  IFS= builtin read -r -d '' __execd_trap <"$__execd_dir/trap" || :
+  { builtin exec {__execd_fd}<>"$__execd_dir/scratch"; } 2>/dev/null || builtin return 0
+  { builtin trap -p "$1"; builtin printf '\0'; } >&"$__execd_fd"
+  IFS= builtin read -r -d '' __execd_trap <&"$__execd_fd"
+  builtin exec {__execd_fd}>&-
   __execd_trap=${__execd_trap%$'\n'}
   builtin return 0
 }
@@ -178,8 +183,12 @@ __execd_post_rare() {
 __execd_go0() { __execd_realias; }
 __execd_go1() { __execd_realias; }
 __execd_realias() {
-  if builtin shopt -q expand_aliases; then __execd_user_aliases=1; else __execd_user_aliases=; fi
-  builtin shopt -s expand_aliases
+  # Expansion off here means the user's last run switched it off (post turns it back on for a
+  # user who had it off already, whose setting stays recorded).
+  if ! builtin shopt -q expand_aliases; then
+    __execd_user_aliases=
+    builtin shopt -s expand_aliases
+  fi
   builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
   builtin printf '\0%s\0again\0\0\0' "$__execd_s" >|"$__execd_dir/status"
   builtin return 0

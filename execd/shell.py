@@ -129,7 +129,9 @@ class _Status:
         """`trap -p ERR` output (under `set -x`, the trace of the wrapper's first lines comes
         before it), then SEQ, STATUS, FLAGS, PWD: one write when there is no ERR trap."""
         lead, seq, code, flags, cwd = fields
-        return cls(seq.decode(), int(code), flags.decode(), cwd.decode(errors="surrogateescape"), b"trap -- " in lead)
+        # In POSIX mode a shell with no ERR trap prints `trap -- - ERR`.
+        err_trap = any(line.startswith(b"trap -- ") and line != b"trap -- - ERR" for line in lead.splitlines())
+        return cls(seq.decode(), int(code), flags.decode(), cwd.decode(errors="surrogateescape"), err_trap)
 
 
 def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str]:
@@ -203,6 +205,7 @@ class Shell:
         self._dir = tempfile.mkdtemp(prefix="session-", dir=self.config.base_dir)
         fifo = os.path.join(self._dir, "status")
         os.mkfifo(fifo, 0o600)
+        os.mkfifo(os.path.join(self._dir, "scratch"), 0o600)  # the wrapper's, to read trap texts
         # O_RDWR: opening never blocks and the FIFO never reads EOF while the shell reopens it.
         self._fds["status"] = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._fds["code"] = os.open(os.path.join(self._dir, "code"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -362,7 +365,10 @@ class Shell:
             return
         run.sent += 1
         if run.sent > MAX_SENDS:
+            # The aliases do not come back (say, `enable -n alias`): the shell can run nothing more.
             log.error("run_line_refused", session_id=self.config.session_id, run_id=run.run_id, sends=run.sent)
+            reason = Aborted("SESSION_DIED", "the shell no longer runs the daemon's wrapper (its aliases are gone)")
+            self._closing = self._loop.create_task(self.close(reason))
             return
         try:
             _write_all(self._fds["stdin"], run.line)
@@ -488,8 +494,9 @@ class Shell:
         traced = "".join(f for f in "xv" if f in self._flags)
         prefix = f"set -{traced};" if traced else ""
         # With an ERR trap, `source` must not return the code's failing status (the trap would fire
-        # twice); the status travels in __execd_last instead.
-        suffix = "\n{ __execd_last=$?; } 2>/dev/null\n" if self._err_trap else ""
+        # twice), nor under `set -e` (code ending in a failing `a && b` would end the shell, as it
+        # does not at a prompt); the status travels in __execd_last instead.
+        suffix = "\n{ __execd_last=$?; } 2>/dev/null\n" if self._err_trap or "e" in self._flags else ""
         data = (prefix + code + suffix).encode(errors="surrogateescape")
         fd = self._fds["code"]
         os.pwrite(fd, data, 0)

@@ -212,6 +212,18 @@ async def test_the_users_int_trap_runs_when_a_command_substitution_is_interrupte
     assert listed.stdout == "trap -- 'echo TRAPPED' SIGINT\n"
 
 
+async def test_interrupt_works_under_a_zero_file_size_limit_and_a_user_colon_function(daemon: Daemon) -> None:
+    # The wrapper writes no regular file while it handles an interrupt (SIGXFSZ would end the
+    # shell), and never calls `:`, which the user may define.
+    session = await daemon.create()
+    await daemon.run(session["session_id"], "ulimit -f 0; :() { echo COLON; }")
+    stream, complete = await interrupted_run(daemon, session, "sleep 100", child="sleep")
+    assert (complete["exit_code"], complete["shell_exited"]) == (130, False)
+    with_env = await daemon.run(session["session_id"], 'echo "$T_E"', env={"T_E": "x"})
+    assert with_env.stdout == "x\n"
+    assert "COLON" not in stream.stdout + with_env.stdout
+
+
 async def test_interrupt_stops_every_process_of_a_pipeline(daemon: Daemon) -> None:
     session = await daemon.create()
     stream = await running(daemon, session, "sleep 100 | cat | sort; echo AFTER")

@@ -588,6 +588,35 @@ async def test_removing_every_alias_does_not_break_the_session(daemon: Daemon) -
     assert (await daemon.run(sid, 'echo "${T_A-gone}"')).stdout == "gone\n"
 
 
+async def test_removing_the_aliases_keeps_the_users_alias_expansion_setting(daemon: Daemon) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "shopt -u expand_aliases")
+    await daemon.run(sid, "unalias -a")
+    assert (await daemon.run(sid, "shopt -q expand_aliases && echo on || echo off")).stdout == "off\n"
+
+
+async def test_a_shell_that_cannot_get_its_aliases_back_ends_the_run_instead_of_hanging(daemon: Daemon) -> None:
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "enable -n alias; unalias -a")
+    result = await daemon.run(sid, "echo never", **HANG_GUARD)
+    assert result.terminal.type == "error" and result.terminal.data["code"] == "SESSION_DIED"
+    assert "never" not in result.stdout
+
+
+async def test_set_e_code_ending_in_a_failing_and_list_keeps_the_shell(daemon: Daemon) -> None:
+    # At a prompt, `set -e` ignores a failure before `&&`; the run's status is still that failure.
+    session = await daemon.create()
+    sid = session["session_id"]
+    await daemon.run(sid, "set -e")
+    result = await daemon.run(sid, "[[ -e /nonexistent ]] && echo there")
+    assert (result.complete["exit_code"], result.complete["shell_exited"]) == (1, False)
+    assert (await daemon.run(sid, "echo alive")).stdout == "alive\n"
+    failed = await daemon.run(sid, "false; echo not-reached")
+    assert (failed.complete["exit_code"], failed.complete["shell_exited"], failed.stdout) == (1, True, "")
+
+
 async def test_switching_alias_expansion_off_is_kept_for_the_users_code(daemon: Daemon) -> None:
     session = await daemon.create()
     sid = session["session_id"]

@@ -43,3 +43,17 @@ async def test_interrupt_after_the_status_arrived_leaves_the_run_alone() -> None
     finally:
         await shell.close(None)
     assert_no_processes({shell.config.session_id})
+
+
+async def test_posix_mode_without_an_err_trap_is_not_taken_for_one() -> None:
+    # In POSIX mode `trap -p ERR` prints `trap -- - ERR` for no trap at all.
+    shell = Shell(ShellConfig(session_id=f"engine-{os.getpid()}-posix", cwd="/", env=dict(os.environ)))
+    await shell.start()
+    try:
+        for code, expected in (("set -o posix", False), ("trap 'echo e' ERR", True), ("trap - ERR", False)):
+            events = [event async for event in shell.run(RunRequest(code), f"run-{code}")]
+            assert isinstance(events[-1], Completed)
+            assert shell._err_trap is expected, code
+    finally:
+        await shell.close(None)
+    assert_no_processes({shell.config.session_id})
