@@ -19,7 +19,6 @@ PING = b": ping\n\n"
 TERMINAL_EVENTS = frozenset({"execution_complete", "error"})
 # Printable ASCII except the two characters JSON escapes: such text goes out as it is.
 _JSON_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
-_JSON_PLAIN_NL_TAB = _JSON_PLAIN + b"\n\t"
 
 
 class Writer(Protocol):
@@ -49,18 +48,20 @@ def frame(seq: int, event: str, body: bytes) -> bytes:
 
 
 def escape_ascii(data: bytes) -> bytes:
-    """JSON string literal of ASCII bytes; bytes.replace and translate run at memory speed."""
-    if not data.translate(None, _JSON_PLAIN):
-        return b'"' + data + b'"'
+    """What goes between the quotes of a JSON string of ASCII bytes: the bytes themselves when they
+    need no escape (no copy: output is often megabytes), else bytes.replace or json.dumps."""
+    special = data.translate(None, _JSON_PLAIN)
+    if not special:
+        return data
     # Only newlines and tabs to escape, and not too many of them (replace pays per occurrence).
-    if data.count(b"\n") < len(data) >> 5 and not data.translate(None, _JSON_PLAIN_NL_TAB):
-        return b'"' + data.replace(b"\n", b"\\n").replace(b"\t", b"\\t") + b'"'
-    return json_string(data.decode("ascii"))
+    if len(special) < len(data) >> 5 and not special.translate(None, b"\n\t"):
+        return data.replace(b"\n", b"\\n").replace(b"\t", b"\\t")
+    return json_string(data.decode("ascii"))[1:-1]
 
 
-def _literal(raw: bytes) -> bytes:
-    """JSON string literal of valid UTF-8 bytes."""
-    return escape_ascii(raw) if raw.isascii() else json_string(raw.decode())
+def _escaped(raw: bytes) -> bytes:
+    """What goes between the quotes of a JSON string of valid UTF-8 bytes."""
+    return escape_ascii(raw) if raw.isascii() else json_string(raw.decode())[1:-1]
 
 
 class TextChunker:
@@ -149,13 +150,15 @@ class RunStream:
 
     # ----- events ----------------------------------------------------------------------------
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, *parts: bytes) -> None:
+        """Batch one event, in parts: a big output chunk is copied once, when the batch is joined."""
         now = time.monotonic()
         if not self._pending:
             self._pending_since = now
         self._last_write = now
-        self._pending.append(data)
-        self._pending_size += len(data)
+        for part in parts:
+            self._pending.append(part)
+            self._pending_size += len(part)
         if self._pending_size >= FLUSH_BYTES or now - self._pending_since >= FLUSH_DELAY_S:
             await self.flush()
 
@@ -187,6 +190,20 @@ class RunStream:
         )
         return frame(seq, event, body)
 
+    def _text_event_head(self, event: str) -> bytes:
+        """An output event up to the opening quote of its text: the text and the rest follow."""
+        seq = self._seq
+        self._seq += 1
+        kind = event.encode()
+        return b'id: %d\nevent: %s\ndata: {"type":"%s","seq":%d%s,"timestamp":%d,"text":"' % (
+            seq,
+            kind,
+            kind,
+            seq,
+            self._head,
+            int(time.time() * 1000),
+        )
+
     async def send(self, event: str, **fields: Any) -> None:
         # One dumps of the whole object, spliced after the common fields: `{"a":1}` -> `,"a":1`.
         extra = b"," + dumps(fields).encode()[1:-1] if fields else b""
@@ -206,16 +223,16 @@ class RunStream:
             return
         if between_runs:
             fields = {"between_runs": True, **fields}
-            literal: bytes | None = _literal(chunk if isinstance(chunk, bytes) else chunk.encode())
+            text: bytes | None = _escaped(chunk if isinstance(chunk, bytes) else chunk.encode())
         else:
-            literal = self._limit(chunk)
-        if literal is None:
+            text = self._limit(chunk)
+        if text is None:
             return
         extra = b"".join(b",%s:%s" % (json_string(k), json.dumps(v).encode()) for k, v in fields.items())
-        await self._write(self._encode(stream, b',"text":' + literal + extra))
+        await self._write(self._text_event_head(stream), text, b'"%s}\n\n' % extra)
 
     def _limit(self, chunk: bytes | str) -> bytes | None:
-        """The JSON literal of what may still be sent of `chunk`, cut on a character boundary."""
+        """What may still be sent of `chunk`, cut on a character boundary, escaped for JSON."""
         raw = chunk if isinstance(chunk, bytes) else chunk.encode()
         if len(raw) > self._budget:
             self.output_truncated = True
@@ -226,7 +243,7 @@ class RunStream:
             self._budget = 0
         else:
             self._budget -= len(raw)
-        return _literal(raw) if raw else None
+        return _escaped(raw) if raw else None
 
     async def flush_text(self) -> None:
         """At the end of a run: what an incomplete UTF-8 sequence left behind becomes U+FFFD."""

@@ -195,3 +195,19 @@ async def test_output_that_never_pauses_reaches_the_client_while_it_flows(daemon
     seen.touch()
     await stream.until_terminal(timeout=60)
     assert stream.stdout.endswith("client-saw-output-live\n"), stream.stdout[-200:]
+
+
+async def test_output_text_survives_every_kind_of_escape(daemon: Daemon) -> None:
+    # Plain text goes out as it is, lines and tabs by replace, the rest through json.dumps: one
+    # chunk of each kind, and a mix, all come back exactly.
+    session = await daemon.create()
+    sid = session["session_id"]
+    plain = "x" * 5000
+    lines = ("w" * 80 + "\tz\n") * 100  # few enough escapes for bytes.replace
+    mixed = 'q"b\\s\x01\x1f é ✓\n' * 50
+    code = f"printf '%s' '{plain}'; sleep 0.05; printf '{lines}'; sleep 0.05; cat <<'EOF'\n{mixed}EOF"
+    result = await daemon.run(sid, code.replace("\t", "\\t"))
+    assert result.stdout == plain + lines + mixed
+    for line in result.raw.decode().splitlines():
+        if line.startswith("data: "):
+            json.loads(line[len("data: ") :])
