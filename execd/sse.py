@@ -59,9 +59,9 @@ def escape_ascii(data: bytes) -> bytes:
     return json_string(data.decode("ascii"))[1:-1]
 
 
-def _escaped(raw: bytes) -> bytes:
-    """What goes between the quotes of a JSON string of valid UTF-8 bytes."""
-    return escape_ascii(raw) if raw.isascii() else json_string(raw.decode())[1:-1]
+def _escaped(chunk: bytes | str) -> bytes:
+    """What goes between the quotes of a JSON string of a TextChunker chunk (bytes are ASCII)."""
+    return escape_ascii(chunk) if isinstance(chunk, bytes) else json_string(chunk)[1:-1]
 
 
 class TextChunker:
@@ -223,7 +223,7 @@ class RunStream:
             return
         if between_runs:
             fields = {"between_runs": True, **fields}
-            text: bytes | None = _escaped(chunk if isinstance(chunk, bytes) else chunk.encode())
+            text: bytes | None = _escaped(chunk)
         else:
             text = self._limit(chunk)
         if text is None:
@@ -236,14 +236,13 @@ class RunStream:
         raw = chunk if isinstance(chunk, bytes) else chunk.encode()
         if len(raw) > self._budget:
             self.output_truncated = True
-            raw = raw[: self._budget]
-            if isinstance(chunk, str):
-                raw = raw.decode("utf-8", "ignore").encode()
+            cut = raw[: self._budget]
+            chunk = cut if isinstance(chunk, bytes) else cut.decode("utf-8", "ignore")
             # What is sent stays a prefix of the output: nothing after the cut, even if it would fit.
             self._budget = 0
         else:
             self._budget -= len(raw)
-        return _escaped(raw) if raw else None
+        return _escaped(chunk) if chunk else None
 
     async def flush_text(self) -> None:
         """At the end of a run: what an incomplete UTF-8 sequence left behind becomes U+FFFD."""
