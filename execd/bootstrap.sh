@@ -151,9 +151,9 @@ __execd_pre_rare() {
 
 # Reports SEQ, STATUS (the code's $?, saved in __execd_st), FLAGS and PWD, each after a NUL, on
 # stdout, which the run's line sends to the private FIFO that only the daemon reads, after the
-# output of `trap -p ERR` (at top level: a function does not see the ERR trap). With an ERR trap
-# the code file ends by saving $? in __execd_last, so that `source` itself returns 0 and the trap
-# does not fire twice.
+# output of `trap -p ERR` (at top level: a function does not see the ERR trap). With an ERR trap,
+# or under `set -e`, the code file ends by saving $? in __execd_last, so that `source` itself
+# returns 0: the trap does not fire twice, and errexit does not end the shell.
 __execd_post() {
   builtin local __execd_flags=$-
   if [[ $__execd_flags == *[xv]* ]]; then builtin set +xv; fi
