@@ -43,10 +43,6 @@ def json_string(text: str) -> bytes:
     return json.dumps(text, ensure_ascii=False).encode()
 
 
-def frame(seq: int, event: str, body: bytes) -> bytes:
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, event.encode(), body)
-
-
 def escape_ascii(data: bytes) -> bytes:
     """What goes between the quotes of a JSON string of ASCII bytes: the bytes themselves when they
     need no escape (no copy: output is often megabytes), else bytes.replace or json.dumps."""
@@ -178,24 +174,14 @@ class RunStream:
         self.stop_pings()
         await self._writer.write_eof(self._take_pending())
 
-    def _encode(self, event: str, fields: bytes) -> bytes:
-        seq = self._seq
-        self._seq += 1
-        body = b'{"type":"%s","seq":%d%s,"timestamp":%d%s}' % (
-            event.encode(),
-            seq,
-            self._head,
-            int(time.time() * 1000),
-            fields,
-        )
-        return frame(seq, event, body)
-
-    def _text_event_head(self, event: str) -> bytes:
-        """An output event up to the opening quote of its text: the text and the rest follow."""
+    def _event_start(self, event: str) -> bytes:
+        """An event's frame up to the end of its common fields: `id`, `event`, and the `data`
+        JSON object's type, seq, run_id and timestamp; the event's own fields, `}` and the blank
+        line that ends the frame follow."""
         seq = self._seq
         self._seq += 1
         kind = event.encode()
-        return b'id: %d\nevent: %s\ndata: {"type":"%s","seq":%d%s,"timestamp":%d,"text":"' % (
+        return b'id: %d\nevent: %s\ndata: {"type":"%s","seq":%d%s,"timestamp":%d' % (
             seq,
             kind,
             kind,
@@ -207,7 +193,7 @@ class RunStream:
     async def send(self, event: str, **fields: Any) -> None:
         # One dumps of the whole object, spliced after the common fields: `{"a":1}` -> `,"a":1`.
         extra = b"," + dumps(fields).encode()[1:-1] if fields else b""
-        await self._write(self._encode(event, extra))
+        await self._write(self._event_start(event) + extra + b"}\n\n")
         if event in TERMINAL_EVENTS:
             self.terminal_sent = True
 
@@ -229,7 +215,8 @@ class RunStream:
         if text is None:
             return
         extra = b"".join(b",%s:%s" % (json_string(k), json.dumps(v).encode()) for k, v in fields.items())
-        await self._write(self._text_event_head(stream), text, b'"%s}\n\n' % extra)
+        # The text stays a part of its own until the batch is joined: output chunks are big.
+        await self._write(self._event_start(stream) + b',"text":"', text, b'"%s}\n\n' % extra)
 
     def _limit(self, chunk: bytes | str) -> bytes | None:
         """What may still be sent of `chunk`, cut on a character boundary, escaped for JSON."""
