@@ -7,6 +7,7 @@ Every probe works on real processes through /proc and psutil: no mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -209,6 +210,7 @@ class DaemonProcess:
         )
         self.http: aiohttp.ClientSession | None = None
         self.session_ids: set[str] = set()
+        self.watchdog: psutil.Process | None = None  # the daemon's, which outlives a killed daemon
 
     async def started(self, timeout: float = 15.0) -> DaemonProcess:
         self.http = aiohttp.ClientSession(self.base)
@@ -218,6 +220,7 @@ class DaemonProcess:
             try:
                 async with self.http.get("/healthz") as response:
                     if response.status == 200:
+                        self.watchdog = _watchdog_of(self.proc.pid)
                         return self
             except aiohttp.ClientError:
                 pass
@@ -272,8 +275,7 @@ class DaemonProcess:
             reap_zombie_children()
             # The killed daemon's watchdog re-parents to us (a subreaper since the first in-process
             # daemon) and exits after its sweep: wait for it too, or its zombie outlives the test.
-            children = psutil.Process().children()
-            settled = not any(is_zombie(c) or _is_watchdog(c) for c in children)
+            settled = _gone(self.watchdog) and not any(is_zombie(c) for c in psutil.Process().children())
             if settled and not session_ids_alive(self.session_ids):
                 break
             await asyncio.sleep(0.02)
@@ -282,11 +284,30 @@ class DaemonProcess:
         return left
 
 
-def _is_watchdog(proc: psutil.Process) -> bool:
+def _watchdog_of(daemon_pid: int) -> psutil.Process | None:
     try:
-        return "execd.watchdog" in " ".join(proc.cmdline())
+        children = psutil.Process(daemon_pid).children()
     except psutil.Error:
-        return False
+        return None
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if "execd.watchdog" in " ".join(child.cmdline()):
+                return child
+    return None
+
+
+def _gone(proc: psutil.Process | None) -> bool:
+    """Exited and reaped (by us, when it re-parented to us, or by whoever is its parent)."""
+    if proc is None:
+        return True
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(proc.pid, os.WNOHANG)
+    return not proc.is_running()
 
 
 def session_ids_alive(session_ids: set[str]) -> list[int]:
