@@ -55,6 +55,11 @@ def escape_ascii(data: bytes) -> bytes:
     return json_string(data.decode("ascii"))[1:-1]
 
 
+def _fields_json(fields: dict[str, Any]) -> bytes:
+    """An event's own fields, to follow its common ones: one dumps of them, `{"a":1}` -> `,"a":1`."""
+    return b"," + dumps(fields).encode()[1:-1] if fields else b""
+
+
 def _escaped(chunk: bytes | str) -> bytes:
     """What goes between the quotes of a JSON string of a TextChunker chunk (bytes are ASCII)."""
     return escape_ascii(chunk) if isinstance(chunk, bytes) else json_string(chunk)[1:-1]
@@ -191,9 +196,7 @@ class RunStream:
         )
 
     async def send(self, event: str, **fields: Any) -> None:
-        # One dumps of the whole object, spliced after the common fields: `{"a":1}` -> `,"a":1`.
-        extra = b"," + dumps(fields).encode()[1:-1] if fields else b""
-        await self._write(self._event_start(event) + extra + b"}\n\n")
+        await self._write(self._event_start(event) + _fields_json(fields) + b"}\n\n")
         if event in TERMINAL_EVENTS:
             self.terminal_sent = True
 
@@ -214,9 +217,8 @@ class RunStream:
             text = self._limit(chunk)
         if text is None:
             return
-        extra = b"".join(b",%s:%s" % (json_string(k), json.dumps(v).encode()) for k, v in fields.items())
         # The text stays a part of its own until the batch is joined: output chunks are big.
-        await self._write(self._event_start(stream) + b',"text":"', text, b'"%s}\n\n' % extra)
+        await self._write(self._event_start(stream) + b',"text":"', text, b'"%s}\n\n' % _fields_json(fields))
 
     def _limit(self, chunk: bytes | str) -> bytes | None:
         """What may still be sent of `chunk`, cut on a character boundary, escaped for JSON."""
