@@ -367,8 +367,7 @@ class Shell:
         if run.sent > MAX_SENDS:
             # The aliases do not come back (say, `enable -n alias`): the shell can run nothing more.
             log.error("run_line_refused", session_id=self.config.session_id, run_id=run.run_id, sends=run.sent)
-            reason = Aborted("SESSION_DIED", "the shell no longer runs the daemon's wrapper (its aliases are gone)")
-            self._closing = self._loop.create_task(self.close(reason))
+            self._give_up("the shell no longer runs the daemon's wrapper (its aliases are gone)")
             return
         try:
             _write_all(self._fds["stdin"], run.line)
@@ -623,8 +622,11 @@ class Shell:
     def _kill_if_stuck(self, run: _Run) -> None:
         # A run whose status has arrived is not stuck, even if a slow client has not read it yet.
         if self._run is run and not run.reported and self.alive:
-            reason = Aborted("SESSION_DIED", "the shell did not come back after an interrupt")
-            self._closing = self._loop.create_task(self.close(reason))
+            self._give_up("the shell did not come back after an interrupt")
+
+    def _give_up(self, why: str) -> None:
+        """Close a shell that can run nothing more: the run in progress ends with SESSION_DIED."""
+        self._closing = self._loop.create_task(self.close(Aborted("SESSION_DIED", why)))
 
 
 class ShellRun:
