@@ -20,8 +20,13 @@ class Settings:
     idle_timeout_s: float = 0.0
     max_run_timeout_ms: int = 86_400_000
     interrupt_grace_ms: int = 2000
+    kill_wait_ms: int = 1000  # SIGKILL -> exits; past it the shell of a stuck run is given up
     sse_ping_s: float = 15.0
     between_runs_bytes: int = 1024 * 1024
+    run_log_bytes: int = 1024 * 1024
+    runs_kept: int = 16
+    disconnect_grace_ms: int = 0
+    max_readers: int = 8
     shutdown_grace_s: float = 5.0
     log_format: str = "auto"  # auto: console in a terminal, JSON otherwise
     log_level: str = "info"

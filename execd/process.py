@@ -10,6 +10,7 @@ import ctypes
 import functools
 import os
 import resource
+import select
 import signal
 import time
 from collections.abc import Iterable, Mapping
@@ -232,7 +233,7 @@ def escapees(tags: set[str], known: set[int], tree: Tree) -> list[int]:
 
 def kill_sessions(sessions: Mapping[str, int | None], timeout_s: float = 5.0) -> bool:
     """SIGKILL these sessions' process groups, their descendants that left them, and every tagged
-    escapee; wait until all are dead and reap those that are our children (shells excepted: their
+    escapee; wait until all have exited and reap those that are our children (shells excepted: their
     owners reap them). One pass over /proc serves every session, so a shutdown of a thousand
     sessions costs a few scans, not a thousand. Blocking: call it from a thread. False if some
     process survived `timeout_s`.
@@ -242,22 +243,57 @@ def kill_sessions(sessions: Mapping[str, int | None], timeout_s: float = 5.0) ->
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(shell, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
-    # Something may fork or exec between a listing and the kill (a process in the middle of exec
-    # may not show its environment for an instant): sweep until two passes 10 ms apart find
-    # nothing alive.
-    clean_passes = 0
-    while clean_passes < 2:
+    # Something may fork between a listing and the kill: sweep again once the victims are gone,
+    # until a sweep finds nothing. A sweep that killed escapees is checked once more a moment
+    # later (a process in the middle of exec may not show its environment for an instant).
+    recheck = False
+    while True:
         victims = [pid for pid in session_processes(sessions) if _alive(pid)]
-        if victims:
-            clean_passes = 0
-            signal_pids(victims, signal.SIGKILL)
-        else:
-            clean_passes += 1
-        if time.monotonic() > deadline:
+        if not victims:
+            if not recheck:
+                break
+            recheck = False
+            time.sleep(0.002)
+            continue
+        recheck = recheck or any(_group_of(pid) not in sessions.values() for pid in victims)
+        signal_pids(victims, signal.SIGKILL)
+        if not wait_exits(victims, deadline):
             return False
-        time.sleep(0.01 if clean_passes else 0.002)
     reap_zombie_children()
     return True
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def wait_exits(pids: Iterable[int], deadline: float) -> bool:
+    """Wait until every one of `pids` has exited (a zombie counts), on pidfds; False at `deadline`."""
+    poller = select.poll()
+    fds = []
+    try:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except (ProcessLookupError, OSError):
+                continue  # already gone (and reaped)
+            fds.append(fd)
+            poller.register(fd, select.POLLIN)
+        pending = len(fds)
+        while pending:
+            left_ms = (deadline - time.monotonic()) * 1000
+            if left_ms <= 0:
+                return False
+            for fd, _ in poller.poll(left_ms):
+                poller.unregister(fd)
+                pending -= 1
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -12,26 +12,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from execd import process
+from execd import ladder, process
 from execd.logging import get_logger
-from execd.shell import (
-    Aborted,
-    Completed,
-    NoActiveRun,
-    RunEvent,
-    RunRequest,
-    Shell,
-    ShellBusy,
-    ShellConfig,
-    ShellGone,
-    ShellRun,
-    ShellStartFailed,
-)
+from execd.run import Aborted, Completed, Run, RunLimits, RunRequest, rfc3339
+from execd.shell import NoActiveRun, Shell, ShellBusy, ShellConfig, ShellGone, ShellStartFailed
 
 log = get_logger("execd.registry")
 # How a run in progress ends when the daemon ends its session.
@@ -39,7 +27,7 @@ SESSION_CLOSED = Aborted("SESSION_CLOSED", "the session was closed")
 SHUTTING_DOWN = Aborted("SHUTTING_DOWN", "the daemon is shutting down")
 T = TypeVar("T")
 
-__all__ = ["Aborted", "Completed", "NoActiveRun", "RunRequest", "ShellBusy"]
+__all__ = ["Aborted", "Completed", "NoActiveRun", "Run", "RunRequest", "ShellBusy"]
 
 
 class SessionState(enum.StrEnum):
@@ -103,19 +91,44 @@ class InvalidTransition(RegistryError):
     pass
 
 
+class RunNotFound(RegistryError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r} in this session (unknown or forgotten)")
+
+
+class StdinNotStreamed(RegistryError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f'run {run_id} was not started with stdin "stream"')
+
+
+class RunFinished(RegistryError):
+    def __init__(self, run_id: str, written: int | None = None) -> None:
+        super().__init__(f"run {run_id} has ended" + (f" after {written} bytes were written" if written else ""))
+        self.written = written
+
+
+class StdinClosed(RegistryError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"the stdin of run {run_id} is closed (eof was sent, or the run was interrupted)")
+
+
+class RunIdConflict(RegistryError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} exists in this session with different code")
+        self.run_id = run_id
+
+
 @dataclass
 class RegistryConfig:
     max_sessions: int = 256
     idle_timeout_s: float = 0.0
     max_run_timeout_ms: int = 86_400_000
-    interrupt_grace_ms: int = 2000
+    timings: ladder.Timings = field(default_factory=ladder.Timings)
     between_runs_bytes: int = 1024 * 1024
+    run_limits: RunLimits = field(default_factory=RunLimits)
+    runs_kept: int = 16
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     shell_fd_limit: int | None = None
-
-
-def _rfc3339(unix_s: float) -> str:
-    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Session:
@@ -132,6 +145,8 @@ class Session:
         self.ended_at: float | None = None
         self.run_count = 0
         self.current_run_id: str | None = None
+        self.last_run_id: str | None = None
+        self.runs: dict[str, Run] = {}  # the run in progress and the last finished ones, oldest first
         self.reason: str | None = None
         self.exit_code: int | None = None
         self.signal: str | None = None
@@ -160,11 +175,12 @@ class Session:
             "pid": self.shell.pid or None,
             "cwd": self.shell.cwd,
             "labels": self.labels,
-            "created_at": _rfc3339(self.created_at),
-            "last_active_at": _rfc3339(self.last_active_at),
+            "created_at": rfc3339(self.created_at),
+            "last_active_at": rfc3339(self.last_active_at),
             "idle_timeout_s": self.idle_timeout_s,
             "run_count": self.run_count,
             "current_run_id": self.current_run_id,
+            "last_run_id": self.last_run_id,
             "reason": self.reason,
             "exit_code": self.exit_code,
             "signal": self.signal,
@@ -189,92 +205,24 @@ class Session:
             self.signal = sig
             self.transition(SessionState.FAILED, f"the shell was killed by {sig}")
 
+    def run(self, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
 
-class ActiveRun:
-    """A run in progress: its events, its timeout, and the session's state around it."""
+    def runs_newest_first(self) -> list[Run]:
+        return list(reversed(self.runs.values()))
 
-    def __init__(self, registry: Registry, session: Session, shell_run: ShellRun, timeout_s: float | None) -> None:
-        self.registry = registry
-        self.session = session
-        self.run_id = shell_run.run_id
-        self._shell_run = shell_run
-        self.finished = False
-        self._abandoning: asyncio.Task[None] | None = None
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(timeout_s, self._on_timeout) if timeout_s else None
-
-    def __aiter__(self) -> ActiveRun:
-        return self
-
-    async def __anext__(self) -> RunEvent:
-        if self.finished:
-            raise StopAsyncIteration
-        return await self.next_event()
-
-    async def next_event(self, on_quiet: Callable[[], Awaitable[None]] | None = None) -> RunEvent:
-        """The next event; the session is idle (or ended) before the terminal one is returned."""
-        event = await self._shell_run.next_event(on_quiet)
-        if isinstance(event, (Completed, Aborted)):
-            self._finish(event)
-        return event
-
-    def _on_timeout(self) -> None:
-        try:
-            self.session.shell.interrupt(signal.SIGINT, self.run_id, timed_out=True)
-            log.info("run_timed_out", session_id=self.session.id, run_id=self.run_id)
-        except NoActiveRun:
-            pass
-
-    def _finish(self, event: Completed | Aborted) -> None:
-        self.finished = True
-        if self._timer:
-            self._timer.cancel()
-        session = self.session
-        session.current_run_id = None
-        session.touch()
-        # Logged once the loop is free again: the line costs ~30 us, and the client is waiting.
-        asyncio.get_running_loop().call_soon(self._log_end, event)
-        if session.state == SessionState.RUNNING:
-            if session.shell.alive:
-                session.transition(SessionState.IDLE)
-            else:
-                session.record_shell_end()
-                self.registry.clean_up_later(session)
-
-    def _log_end(self, event: Completed | Aborted) -> None:
-        if isinstance(event, Completed):
-            log.info(
-                "run_finished",
-                session_id=self.session.id,
-                run_id=self.run_id,
-                exit_code=event.exit_code,
-                interrupted=event.interrupted,
-                timed_out=event.timed_out,
-            )
-        else:
-            log.info("run_aborted", session_id=self.session.id, run_id=self.run_id, code=event.code)
-
-    async def abandon(self) -> None:
-        """The client is gone: interrupt the run and let it end, discarding its output.
-
-        The work runs in a task of its own: the handler that calls this may be cancelled at any
-        moment (aiohttp cancels it when the connection drops), and a run left half-read would keep
-        its session busy forever.
-        """
-        if self.finished:
-            return
-        if self._abandoning is None:
-            self._abandoning = self.registry.spawn(self._end_unseen())
-        await asyncio.shield(self._abandoning)
-
-    async def _end_unseen(self) -> None:
-        try:
-            self.session.shell.interrupt(signal.SIGINT, self.run_id)
-            log.info("run_interrupted", session_id=self.session.id, run_id=self.run_id, cause="client_gone")
-        except NoActiveRun:
-            pass
-        async for _ in self:
-            pass
+    def keep_run(self, run: Run, runs_kept: int) -> None:
+        """A new run: older ones keep only init and their terminal event; the oldest finished
+        ones beyond `runs_kept` are forgotten."""
+        for older in self.runs.values():
+            older.log.retire()
+        self.runs[run.run_id] = run
+        finished = [r for r in self.runs.values() if not r.running]
+        for old in finished[: max(0, len(finished) - runs_kept)]:
+            del self.runs[old.run_id]
 
 
 class Registry:
@@ -351,7 +299,7 @@ class Registry:
                 session_id=session_id,
                 cwd=cwd or os.getcwd(),
                 env=base_env,
-                interrupt_grace_s=self.config.interrupt_grace_ms / 1000,
+                timings=self.config.timings,
                 between_runs_bytes=self.config.between_runs_bytes,
                 fd_limit=self.config.shell_fd_limit,
                 base_dir=self.base_dir,
@@ -360,6 +308,7 @@ class Registry:
         timeout = self.config.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
         session = Session(session_id, shell, timeout, labels)
         shell.on_exit = lambda _shell: self._on_shell_exit(session)
+        shell.on_run_end = lambda run: self._on_run_end(session, run)
         self.sessions[session_id] = session
         self._tell_watchdog("+" + session_id)
         # In a task of its own: a client that goes away mid-start must not leave a half-started
@@ -387,35 +336,94 @@ class Registry:
             raise SessionNotFound(session_id)
         return session
 
-    def start_run(self, session: Session, request: RunRequest, run_id: str, timeout_ms: int) -> ActiveRun:
+    def start_run(self, session: Session, request: RunRequest, run_id: str | None, timeout_ms: int) -> tuple[Run, bool]:
+        """Start a run, or find the one a retry names (same `run_id`, same code): (run, started)."""
+        if run_id is not None and run_id in session.runs:
+            kept = session.runs[run_id]
+            if kept.request.code != request.code:
+                raise RunIdConflict(run_id)
+            return kept, False
         if self.shutting_down:
             raise ShuttingDown()
         if session.state not in (SessionState.IDLE, SessionState.RUNNING):  # RUNNING: the shell says busy
             raise SessionEnded(session)
+        current = session.shell.current_run
+        if current is not None:
+            raise ShellBusy(current.run_id)
         limit = self.config.max_run_timeout_ms
         effective_ms = min(timeout_ms, limit) if timeout_ms > 0 else limit
+        request.timeout_s = effective_ms / 1000 if effective_ms > 0 else None
+        run = Run(run_id or secrets.token_hex(8), session.id, request, self.config.run_limits)
         try:
-            shell_run = session.shell.run(request, run_id)  # raises ShellBusy
+            session.shell.start_run(run)
         except ShellGone:
             # The shell died an instant ago and its exit is not processed yet: it has ended.
             session.shell.wait_exit()
             session.record_shell_end()
             self.clean_up_later(session)
             raise SessionEnded(session) from None
+        session.keep_run(run, self.config.runs_kept)
         session.transition(SessionState.RUNNING)
-        session.current_run_id = run_id
+        session.current_run_id = session.last_run_id = run.run_id
         session.run_count += 1
         session.touch()
-        log.debug("run_started", session_id=session.id, run_id=run_id)
-        log.debug("run_code", session_id=session.id, run_id=run_id, code=request.code)
-        return ActiveRun(self, session, shell_run, effective_ms / 1000 if effective_ms > 0 else None)
+        log.debug("run_started", session_id=session.id, run_id=run.run_id, background=request.background)
+        log.debug("run_code", session_id=session.id, run_id=run.run_id, code=request.code)
+        return run, True
+
+    def _on_run_end(self, session: Session, run: Run) -> None:
+        """Called by the shell in the same step as the run's terminal event."""
+        session.current_run_id = None
+        session.touch()
+        # Logged once the loop is free again: the client is waiting for the end.
+        asyncio.get_running_loop().call_soon(self._log_run_end, session, run)
+        if session.state == SessionState.RUNNING:
+            if session.shell.alive:
+                session.transition(SessionState.IDLE)
+            else:
+                session.record_shell_end()
+                self.clean_up_later(session)
+
+    @staticmethod
+    def _log_run_end(session: Session, run: Run) -> None:
+        outcome = run.outcome
+        if isinstance(outcome, Completed):
+            log.info(
+                "run_finished",
+                session_id=session.id,
+                run_id=run.run_id,
+                exit_code=outcome.exit_code,
+                interrupted=outcome.interrupted,
+                timed_out=outcome.timed_out,
+                output_bytes=run.output_bytes,
+                dropped_bytes=run.log.dropped_bytes,
+            )
+        elif isinstance(outcome, Aborted):
+            log.info("run_aborted", session_id=session.id, run_id=run.run_id, code=outcome.code)
+
+    async def write_stdin(self, session: Session, run_id: str, data: bytes, eof: bool) -> int:
+        """Feed a run's streamed stdin; returns the bytes written once they are in the pipe."""
+        run = session.run(run_id)
+        if not run.request.stdin_stream:
+            raise StdinNotStreamed(run_id)
+        stdin = session.shell.stdin_of(run)
+        if not run.running or stdin is None:
+            raise RunFinished(run_id)
+        if stdin.closed:
+            raise StdinClosed(run_id)
+        written = await stdin.write(data) if data else 0
+        if written < len(data):
+            if not run.running:
+                raise RunFinished(run_id, written)
+            raise StdinClosed(run_id)
+        if eof:
+            stdin.close()
+        return written
 
     def interrupt(self, session: Session, sig: signal.Signals, run_id: str | None) -> str:
         if not session.state.live:
             raise SessionEnded(session)
-        interrupted = session.shell.interrupt(sig, run_id)
-        log.info("run_interrupted", session_id=session.id, run_id=interrupted, signal=sig.name, cause="request")
-        return interrupted
+        return session.shell.interrupt(sig, run_id)
 
     async def close(self, session: Session, reason: str) -> None:
         """Kill every process of a live session and release its fds; wait for an ended one's cleanup.
@@ -521,7 +529,7 @@ class Registry:
             session.shell.set_abort(SHUTTING_DOWN)
         # One sweep of /proc for all of them: closing a thousand sessions one by one takes minutes.
         sessions = {s.id: s.shell.live_pid for s in live}
-        if sessions and not await asyncio.to_thread(process.kill_sessions, sessions):
+        if not await ladder.sweep_sessions(sessions, self.config.timings):
             log.warning("session_processes_survived_kill", sessions=len(sessions))
         await asyncio.gather(*(self._clean_up(s, SHUTTING_DOWN, killed=True) for s in live))
         for session in live:
@@ -532,7 +540,7 @@ class Registry:
     def kill_all_now(self) -> None:
         """Last resort (a second signal): kill every shell without waiting for anything."""
         pending = [s for s in self.sessions.values() if not s.closed.is_set()]
-        process.kill_sessions({s.id: s.shell.live_pid for s in pending}, timeout_s=0.5)
+        ladder.sweep_sessions_now({s.id: s.shell.live_pid for s in pending}, self.config.timings)
         for session in pending:
             session.shell.release_killed(SHUTTING_DOWN)
 

@@ -22,6 +22,7 @@ SESSION_FIELDS = {
     "idle_timeout_s",
     "run_count",
     "current_run_id",
+    "last_run_id",
     "reason",
     "exit_code",
     "signal",

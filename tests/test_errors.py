@@ -135,9 +135,10 @@ async def test_zero_length_run_body_is_a_400_for_missing_code(daemon: Daemon) ->
     await expect_error(await daemon.client.post(f"/session/{sid}/run", data=b""), 400, "INVALID_REQUEST")
 
 
-async def test_stdin_stream_is_reserved_and_a_400(daemon: Daemon) -> None:
+async def test_stdin_that_is_neither_text_nor_stream_is_a_400(daemon: Daemon) -> None:
+    # v1 reserved "stream" (a 400); v2 gives it a meaning (tests/test_runs_v2.py). Other types stay 400.
     sid = await _session_id(daemon)
-    response = await daemon.client.post(f"/session/{sid}/run", json={"code": "cat", "stdin": "stream"})
+    response = await daemon.client.post(f"/session/{sid}/run", json={"code": "cat", "stdin": 3})
     error = await expect_error(response, 400, "INVALID_REQUEST")
     assert "stdin" in error["message"]
 

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from execd.shell import Aborted, Completed, NoActiveRun, RunRequest, Shell, ShellConfig
+from execd.run import Aborted, Completed, Run, RunLimits, RunRequest
+from execd.shell import NoActiveRun, Shell, ShellConfig
 from tests.conftest import assert_no_processes, wait_for
+
+
+def start(shell: Shell, code: str, run_id: str = "run-1", **request: object) -> Run:
+    run = Run(run_id, shell.config.session_id, RunRequest(code, **request), RunLimits())  # type: ignore[arg-type]
+    shell.start_run(run)
+    return run
 
 
 async def test_interrupt_after_the_shell_is_gone_signals_and_writes_nothing(
@@ -17,29 +24,27 @@ async def test_interrupt_after_the_shell_is_gone_signals_and_writes_nothing(
     monkeypatch.chdir(tmp_path)
     shell = Shell(ShellConfig(session_id=f"engine-{os.getpid()}-{id(tmp_path)}", cwd="/", env=dict(os.environ)))
     await shell.start()
-    run = shell.run(RunRequest("sleep 100"), "run-1")
-    # Closed while the run is on, before its reader has seen the end (a timeout can fire right then).
+    run = start(shell, "sleep 100")
+    # Closed while the run is on (a timeout can fire right then).
     await shell.close(Aborted("SESSION_CLOSED", "closed"))
     with pytest.raises(NoActiveRun):
         shell.interrupt()
     assert os.listdir(tmp_path) == []
-    events = [event async for event in run]
-    assert events[-1] == Aborted("SESSION_CLOSED", "closed")
+    assert run.outcome == Aborted("SESSION_CLOSED", "closed")
     assert_no_processes({shell.config.session_id})
 
 
-async def test_interrupt_after_the_status_arrived_leaves_the_run_alone() -> None:
+async def test_a_run_ends_by_itself_with_nobody_reading_it() -> None:
     shell = Shell(ShellConfig(session_id=f"engine-{os.getpid()}-reported", cwd="/", env=dict(os.environ)))
     await shell.start()
     try:
-        run = shell.run(RunRequest("echo done"), "run-1")
-        # The reader lags behind (a slow client): the shell has reported, nobody has read it yet.
-        await wait_for(lambda: shell._run is not None and shell._run.reported, what="status arrived")
+        run = start(shell, "echo done")
+        # Nobody reads the run's log: the engine still ends it when its status arrives.
+        await wait_for(lambda: run.done.is_set(), what="run ended")
         with pytest.raises(NoActiveRun):
             shell.interrupt()
-        events = [event async for event in run]
-        assert events[-1] == Completed(0, False, False, "/", shell_exited=False)
-        assert shell.alive
+        assert run.outcome == Completed(0, False, False, "/", shell_exited=False)
+        assert shell.alive and shell.current_run is None
     finally:
         await shell.close(None)
     assert_no_processes({shell.config.session_id})
@@ -51,8 +56,9 @@ async def test_posix_mode_without_an_err_trap_is_not_taken_for_one() -> None:
     await shell.start()
     try:
         for code, expected in (("set -o posix", False), ("trap 'echo e' ERR", True), ("trap - ERR", False)):
-            events = [event async for event in shell.run(RunRequest(code), f"run-{code}")]
-            assert isinstance(events[-1], Completed)
+            run = start(shell, code, f"run-{code}")
+            await wait_for(lambda run=run: run.done.is_set(), what="run ended")  # type: ignore[misc]
+            assert isinstance(run.outcome, Completed)
             assert shell._err_trap is expected, code
     finally:
         await shell.close(None)

@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from execd import __version__, process
+from execd import __version__, ladder, process
 from execd.api import runs, sessions
 from execd.api.errors import error_response, from_exception, from_http_exception
 from execd.api.keys import REGISTRY, SETTINGS, STARTED_AT
 from execd.config import Settings
 from execd.logging import get_logger
 from execd.registry import Registry, RegistryConfig
+from execd.run import RunLimits
 
 log = get_logger("execd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -56,6 +57,8 @@ def gate_middleware(token: str | None) -> Middleware:
             if given is None:
                 scheme, _, value = request.headers.get("Authorization", "").partition(" ")
                 given = value.strip() if scheme.lower() == "bearer" else ""
+                if not given and request.match_info.route.name == runs.EVENTS_ROUTE:
+                    given = request.query.get("access_token", "")  # EventSource cannot set headers
             if not hmac.compare_digest(given.encode(), expected):
                 return error_response(401, "UNAUTHORIZED", "a valid access token is required")
         if request.app[REGISTRY].shutting_down:
@@ -127,8 +130,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
             max_sessions=settings.max_sessions,
             idle_timeout_s=settings.idle_timeout_s,
             max_run_timeout_ms=settings.max_run_timeout_ms,
-            interrupt_grace_ms=settings.interrupt_grace_ms,
+            timings=ladder.Timings(settings.interrupt_grace_ms / 1000, settings.kill_wait_ms / 1000),
             between_runs_bytes=settings.between_runs_bytes,
+            run_limits=RunLimits(settings.run_log_bytes, settings.max_output_bytes, settings.max_readers),
+            runs_kept=settings.runs_kept,
             shell_fd_limit=process.raise_fd_limit(),
         )
     )

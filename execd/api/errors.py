@@ -8,12 +8,18 @@ from aiohttp import web
 
 from execd.registry import (
     NoActiveRun,
+    RunFinished,
+    RunIdConflict,
+    RunNotFound,
     SessionEnded,
     SessionNotFound,
     ShellBusy,
     ShuttingDown,
+    StdinClosed,
+    StdinNotStreamed,
     TooManySessions,
 )
+from execd.run import TooManyReaders
 from execd.sse import dumps
 
 
@@ -62,6 +68,19 @@ def from_exception(exc: Exception) -> ApiError | None:
             return ApiError(429, "TOO_MANY_SESSIONS", str(exc))
         case ShuttingDown():
             return ApiError(503, "SHUTTING_DOWN", str(exc))
+        case RunNotFound():
+            return ApiError(404, "RUN_NOT_FOUND", str(exc))
+        case RunIdConflict():
+            return ApiError(409, "RUN_ID_CONFLICT", str(exc), run_id=exc.run_id)
+        case StdinNotStreamed():
+            return ApiError(409, "STDIN_NOT_STREAMED", str(exc))
+        case RunFinished():
+            extra = {"written": exc.written} if exc.written is not None else {}
+            return ApiError(409, "RUN_FINISHED", str(exc), **extra)
+        case StdinClosed():
+            return ApiError(409, "STDIN_CLOSED", str(exc))
+        case TooManyReaders():
+            return ApiError(429, "TOO_MANY_READERS", str(exc))
     return None
 
 

@@ -1,52 +1,127 @@
-"""Routes of runs: start one and stream its events as SSE; interrupt it."""
+"""Routes of runs: start one, list and show them, read their events as SSE, feed stdin, interrupt.
+
+Every stream is a reader of the run's log (execd.runlog): the engine drives the run whether or not
+anyone reads it; a stream only sends the frames after its cursor, batched, with pings while quiet.
+"""
 
 from __future__ import annotations
 
-import secrets
 import time
-from typing import Any
 
 from aiohttp import web
 
+from execd.api.errors import json_response
 from execd.api.keys import REGISTRY, SETTINGS
-from execd.api.validation import interrupt_spec, read_json, run_spec
+from execd.api.validation import cursor, interrupt_spec, read_json, run_spec, stdin_spec
 from execd.logging import get_logger
-from execd.registry import Aborted, ActiveRun, Completed, RunRequest
-from execd.sse import RunStream
+from execd.registry import Session
+from execd.run import Run, RunRequest
+from execd.runlog import NO_CURSOR, Reader
+from execd.sse import PING, gap_frame
 
 log = get_logger("execd.api")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A stream sends what it holds once 64 KiB wait, once the run has been quiet for 2 ms, once the
+# oldest has waited 5 ms, and at the end: a short run costs one write, a chatty one stays live.
+FLUSH_BYTES = 64 * 1024
+QUIET_S = 0.002
+FLUSH_DELAY_S = 0.005
+EVENTS_ROUTE = "run_events"  # the one route that also takes ?access_token= (EventSource)
 
 
 async def start_run(request: web.Request) -> web.StreamResponse:
     registry, settings = request.app[REGISTRY], request.app[SETTINGS]
     session = registry.get(request.match_info["session_id"])
     spec = run_spec(await read_json(request, settings.max_body_bytes), session.shell.cwd)
-    run_id = secrets.token_hex(8)
-    active = registry.start_run(session, RunRequest(spec.code, spec.cwd, spec.env, spec.stdin), run_id, spec.timeout_ms)
+    grace_ms = settings.disconnect_grace_ms if spec.disconnect_grace_ms is None else spec.disconnect_grace_ms
+    run_request = RunRequest(
+        spec.code,
+        spec.cwd,
+        spec.env,
+        spec.stdin,
+        stdin_stream=spec.stdin_stream,
+        background=spec.background,
+        on_disconnect=spec.on_disconnect,
+        disconnect_grace_s=min(grace_ms, settings.max_run_timeout_ms) / 1000,
+    )
+    run, started = registry.start_run(session, run_request, spec.run_id, spec.timeout_ms)
+    if spec.background:
+        return json_response(run.to_dict(), status=202)
+    after = NO_CURSOR if started else _cursor(request, run)
+    return await stream(request, run, after)
+
+
+def _cursor(request: web.Request, run: Run) -> int:
+    value = request.headers.get("Last-Event-ID")
+    if value is None:
+        value = request.query.get("after")
+    seq = cursor(value, run.log.last_seq)
+    return NO_CURSOR if seq is None else seq
+
+
+async def stream(request: web.Request, run: Run, after: int) -> web.StreamResponse:
+    """The run's events after `after`, live until the terminal event."""
+    if run.log.finished and after == run.log.last_seq:
+        return web.Response(status=204)  # nothing more will come: an EventSource stops here
+    reader = run.attach(after)
+    response = LazyResponse(request)
     try:
-        response = LazyResponse(request)
-        stream = RunStream(response, run_id, settings.max_output_bytes, settings.sse_ping_s)
-        try:
-            await stream_events(stream, active, session.id)
-        except Exception as exc:
-            if isinstance(exc, ConnectionError) or stream.terminal_sent:
-                raise
-            # A bug: the headers are sent, so the stream still ends with its one terminal event,
-            # written once the run has ended (the session is idle again by then).
-            log.exception("run_stream_failed", session_id=session.id, run_id=run_id)
-            await active.abandon()
-            await stream.send("error", **error_fields("INTERNAL", f"internal error: {type(exc).__name__}"))
-        await stream.close()
+        await _pump(reader, response, request.app[SETTINGS].sse_ping_s, run.run_id)
         return response.sent
+    except Exception as exc:
+        if isinstance(exc, ConnectionError):
+            raise
+        log.exception("run_stream_failed", session_id=run.session_id, run_id=run.run_id)
+        raise
     finally:
-        # The client went away (or writing failed): Ctrl-C the run and let it end unseen.
-        await active.abandon()
+        reader.detach()
+
+
+async def _pump(reader: Reader, response: LazyResponse, ping_s: float, run_id: str) -> None:
+    """Send the log's frames after the reader's cursor until the terminal event."""
+    runlog = reader.log
+    taken = reader.cursor
+    pending: list[bytes] = []
+    size = 0
+    oldest = last_write = time.monotonic()
+    while True:
+        part = runlog.after(taken)
+        if part.gap is not None or part.frames:
+            if not pending:
+                oldest = time.monotonic()
+            if part.gap is not None:
+                gap = part.gap
+                pending.append(gap_frame(run_id, gap.after, gap.next_seq, gap.dropped_bytes))
+            for frame in part.frames:
+                pending.extend(frame)
+                size += sum(len(piece) for piece in frame)
+            taken = part.last_seq
+        if runlog.finished and taken == runlog.last_seq:
+            await response.write_eof(b"".join(pending))
+            reader.sent(taken)
+            return
+        now = time.monotonic()
+        if pending and (size >= FLUSH_BYTES or now - oldest >= FLUSH_DELAY_S):
+            await response.write(b"".join(pending))
+            pending.clear()
+            size = 0
+            last_write = time.monotonic()
+            reader.sent(taken)
+            continue
+        timeout: float | None
+        if pending:
+            timeout = min(QUIET_S, FLUSH_DELAY_S - (now - oldest))
+        else:
+            timeout = max(0.0, ping_s - (now - last_write)) if ping_s > 0 else None
+        if not await runlog.wait(taken, timeout):
+            if not pending:
+                pending.append(PING)
+            size = FLUSH_BYTES  # quiet: send what is held now
 
 
 class LazyResponse:
-    """The response of a run, started only when something must reach the client before the run
-    ends. A run that ends within its first quiet moment (most do) is answered as one plain
+    """The response of a stream, started only when something must reach the client before the
+    run ends. A run that ends within its first quiet moment (most do) is answered as one plain
     response with a length: no chunked framing, one write."""
 
     def __init__(self, request: web.Request) -> None:
@@ -73,39 +148,32 @@ class LazyResponse:
         return response
 
 
-async def stream_events(stream: RunStream, active: ActiveRun, session_id: str) -> None:
-    started = time.monotonic()
-    await stream.send("init", session_id=session_id, text=active.run_id)
-    stream.start_pings()
-    try:
-        while not active.finished:
-            event = await active.next_event(on_quiet=stream.flush)
-            if isinstance(event, Completed):
-                await stream.flush_text()
-                await stream.send(
-                    "execution_complete",
-                    exit_code=event.exit_code,
-                    execution_time=int((time.monotonic() - started) * 1000),
-                    interrupted=event.interrupted,
-                    timed_out=event.timed_out,
-                    output_truncated=stream.output_truncated,
-                    cwd=event.cwd,
-                    shell_exited=event.shell_exited,
-                )
-            elif isinstance(event, Aborted):
-                await stream.flush_text()
-                await stream.send("error", **error_fields(event.code, event.message))
-            elif event.dropped_bytes:
-                await stream.send_output(event.stream, event.data, between_runs=True, dropped_bytes=event.dropped_bytes)
-            else:
-                await stream.send_output(event.stream, event.data, between_runs=event.between_runs)
-    finally:
-        stream.stop_pings()
+def _session_run(request: web.Request) -> tuple[Session, Run]:
+    session = request.app[REGISTRY].get(request.match_info["session_id"])
+    return session, session.run(request.match_info["run_id"])
 
 
-def error_fields(code: str, message: str) -> dict[str, Any]:
-    """An `error` event's fields; `error` is the shape OpenSandbox clients read."""
-    return {"code": code, "message": message, "error": {"ename": code, "evalue": message, "traceback": []}}
+async def list_runs(request: web.Request) -> web.Response:
+    session = request.app[REGISTRY].get(request.match_info["session_id"])
+    return json_response({"runs": [run.to_dict() for run in session.runs_newest_first()]})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    _, run = _session_run(request)
+    return json_response(run.to_dict())
+
+
+async def run_events(request: web.Request) -> web.StreamResponse:
+    _, run = _session_run(request)
+    return await stream(request, run, _cursor(request, run))
+
+
+async def write_stdin(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    session, run = _session_run(request)
+    spec = stdin_spec(await read_json(request, request.app[SETTINGS].max_body_bytes))
+    written = await registry.write_stdin(session, run.run_id, spec.data, spec.eof)
+    return json_response({"written": written})
 
 
 async def interrupt_run(request: web.Request) -> web.Response:
@@ -119,3 +187,7 @@ async def interrupt_run(request: web.Request) -> web.Response:
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/session/{session_id}/run", start_run)
     router.add_post("/session/{session_id}/interrupt", interrupt_run)
+    router.add_get("/session/{session_id}/runs", list_runs)
+    router.add_get("/session/{session_id}/runs/{run_id}", get_run)
+    router.add_get("/session/{session_id}/runs/{run_id}/events", run_events, name=EVENTS_ROUTE)
+    router.add_post("/session/{session_id}/runs/{run_id}/stdin", write_stdin)

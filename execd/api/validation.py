@@ -9,7 +9,7 @@ import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -74,6 +74,14 @@ class Fields:
         if "\0" in value:
             raise InvalidRequest(f"{name!r} must not contain NUL characters")
         _check_unicode(name, value)
+        return value
+
+    def boolean(self, name: str) -> bool:
+        value = self.body.get(name)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"{name!r} must be true or false")
         return value
 
     def number(self, name: str, value: Any = None, *, integer: bool = False) -> float | None:
@@ -152,6 +160,22 @@ def session_spec(body: Mapping[str, Any]) -> SessionSpec:
     )
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+RUN_FIELDS = {
+    "code",
+    "command",
+    "timeout_ms",
+    "timeout",
+    "cwd",
+    "env",
+    "stdin",
+    "on_disconnect",
+    "disconnect_grace_ms",
+    "background",
+    "run_id",
+}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     code: str
@@ -159,28 +183,71 @@ class RunSpec:
     cwd: str | None
     env: dict[str, str]
     stdin: str | None
+    stdin_stream: bool
+    run_id: str | None
+    background: bool
+    on_disconnect: Literal["interrupt", "continue"]
+    disconnect_grace_ms: int | None
 
 
 def run_spec(body: Mapping[str, Any], session_cwd: str) -> RunSpec:
-    fields = Fields(body, {"code", "command", "timeout_ms", "timeout", "cwd", "env", "stdin", "on_disconnect"})
+    fields = Fields(body, RUN_FIELDS)
     code = fields.aliased("code", "command")
     if code is None:
         raise InvalidRequest("'code' is required")
     code = fields.string("code", code, allow_none=False)
     timeout = fields.number("timeout_ms", fields.aliased("timeout_ms", "timeout"), integer=True)
     stdin = fields.string("stdin")
-    if stdin == "stream":
-        raise InvalidRequest("'stdin': \"stream\" is reserved for interactive stdin, which is not available yet")
+    background = fields.boolean("background")
     on_disconnect = fields.string("on_disconnect")
-    if on_disconnect not in (None, "interrupt"):
-        raise InvalidRequest(f"'on_disconnect': {on_disconnect!r} is not supported; use \"interrupt\"")
+    if on_disconnect not in (None, "interrupt", "continue"):
+        raise InvalidRequest(f'\'on_disconnect\': {on_disconnect!r} is not one of "interrupt", "continue"')
+    if background and on_disconnect == "interrupt":
+        raise InvalidRequest("a 'background' run has no reader to belong to: 'on_disconnect' cannot be \"interrupt\"")
+    grace = fields.number("disconnect_grace_ms", integer=True)
+    run_id = fields.string("run_id")
+    if run_id is not None and not RUN_ID.match(run_id):
+        raise InvalidRequest(f"'run_id': {run_id!r} must match ^[A-Za-z0-9._-]{{1,64}}$")
     return RunSpec(
         code=code or "",
         timeout_ms=int(timeout or 0),
         cwd=directory("cwd", fields.string("cwd"), session_cwd),
         env=fields.string_map("env", env_names=True),
-        stdin=stdin,
+        stdin=None if stdin == "stream" else stdin,
+        stdin_stream=stdin == "stream",
+        run_id=run_id,
+        background=background,
+        on_disconnect="continue" if on_disconnect == "continue" or background else "interrupt",
+        disconnect_grace_ms=None if grace is None else int(grace),
     )
+
+
+@dataclass(frozen=True)
+class StdinSpec:
+    data: bytes
+    eof: bool
+
+
+def stdin_spec(body: Mapping[str, Any]) -> StdinSpec:
+    fields = Fields(body, {"data", "eof"})
+    data = body.get("data")
+    if data is not None and not isinstance(data, str):
+        raise InvalidRequest("'data' must be a string")
+    if data:
+        _check_unicode("data", data)  # NUL is fine here: it goes down a pipe, not into bash's words
+    return StdinSpec(data=(data or "").encode(), eof=fields.boolean("eof"))
+
+
+def cursor(value: str | None, last_seq: int) -> int | None:
+    """A reader's cursor from Last-Event-ID or ?after=: a seq the run has reached, or None."""
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit():
+        raise InvalidRequest(f"the cursor {value[:40]!r} is not a non-negative integer")
+    seq = int(value)
+    if seq > last_seq:
+        raise InvalidRequest(f"the cursor {seq} is past the run's last event ({last_seq})")
+    return seq
 
 
 @dataclass(frozen=True)

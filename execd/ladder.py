@@ -1,0 +1,58 @@
+"""The one termination ladder: polite signal -> grace -> SIGKILL -> await the exits and the reap.
+
+Every path that ends something climbs it: an interrupt, a timeout or a run nobody reads any more
+climb it from the first rung (the run's processes); DELETE, idle reaping, giving up on a stuck
+shell and shutdown start at the SIGKILL sweep of the whole session. Each wait is on the processes'
+exits (pidfds), bounded by a named timing from the settings, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from execd import process
+
+
+@dataclass(frozen=True)
+class Timings:
+    grace_s: float = 2.0  # polite signal -> SIGKILL of the run's processes (EXECD_INTERRUPT_GRACE_MS)
+    kill_wait_s: float = 1.0  # SIGKILL -> the exits, or the shell is given up (EXECD_KILL_WAIT_MS)
+
+
+async def climb_for_run(
+    done: asyncio.Event,
+    timings: Timings,
+    kill_run_processes: Callable[[], None],
+    give_up: Callable[[], Awaitable[None]],
+) -> None:
+    """After the polite signal (the caller has sent it): `grace_s` later SIGKILL what the run
+    started (even if the run has ended: its orphans go too), wait `kill_wait_s` for the run to end,
+    then give up the shell (a session sweep)."""
+    await asyncio.sleep(timings.grace_s)
+    kill_run_processes()
+    if await _within(done, timings.kill_wait_s):
+        return
+    await give_up()
+
+
+async def sweep_sessions(sessions: Mapping[str, int | None], timings: Timings) -> bool:
+    """SIGKILL every process of these sessions (session tag -> shell pid) and wait for the exits,
+    off the event loop (it reads /proc). False if something survived `kill_wait_s`."""
+    if not sessions:
+        return True
+    return await asyncio.to_thread(process.kill_sessions, sessions, timings.kill_wait_s)
+
+
+def sweep_sessions_now(sessions: Mapping[str, int | None], timings: Timings) -> bool:
+    """The same, blocking: for a forced exit, where nothing may wait on the event loop."""
+    return process.kill_sessions(sessions, min(timings.kill_wait_s, 0.5))
+
+
+async def _within(done: asyncio.Event, timeout_s: float) -> bool:
+    try:
+        await asyncio.wait_for(done.wait(), timeout_s)
+    except TimeoutError:
+        return False
+    return True
