@@ -217,9 +217,14 @@ class Session:
     def keep_run(self, run: Run, runs_kept: int) -> None:
         """A new run: older ones keep only init and their terminal event; the oldest finished
         ones beyond `runs_kept` are forgotten."""
-        for older in self.runs.values():
-            older.log.retire()
+        if self.last_run_id is not None and self.last_run_id in self.runs:
+            self.runs[self.last_run_id].log.retire()  # the ones before it were retired in their turn
         self.runs[run.run_id] = run
+        self.forget_old_runs(runs_kept)
+
+    def forget_old_runs(self, runs_kept: int) -> None:
+        if len(self.runs) <= runs_kept:
+            return
         finished = [r for r in self.runs.values() if not r.running]
         for old in finished[: max(0, len(finished) - runs_kept)]:
             del self.runs[old.run_id]
@@ -374,6 +379,7 @@ class Registry:
     def _on_run_end(self, session: Session, run: Run) -> None:
         """Called by the shell in the same step as the run's terminal event."""
         session.current_run_id = None
+        session.forget_old_runs(self.config.runs_kept)
         session.touch()
         # Logged once the loop is free again: the client is waiting for the end.
         asyncio.get_running_loop().call_soon(self._log_run_end, session, run)

@@ -103,7 +103,7 @@ class Run:
         self.on_room: Callable[[], None] | None = None  # the engine may read the pipes again
         self.done = asyncio.Event()
         self._encoder = EventEncoder(run_id, limits.max_output_bytes)
-        self.log = RunLog(limits.log_bytes, keep_unsent=self.belongs_to_readers)
+        self.log = RunLog(run_id, limits.log_bytes, keep_unsent=self.belongs_to_readers)
         self.log.on_room = self._room
         self.log.on_readers_changed = self._readers_changed
         self._abandon_timer: asyncio.Handle | None = None

@@ -16,23 +16,16 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from execd.sse import Frame, frame_size
+from execd.sse import Frame, frame_size, gap_frame
 
 NO_CURSOR = -1  # a reader that wants everything, init included
 
 
 @dataclass(frozen=True)
-class Gap:
-    after: int
-    next_seq: int
-    dropped_bytes: int
-
-
-@dataclass(frozen=True)
 class Slice:
-    """What a reader gets after its cursor: maybe a gap, then frames up to `last_seq`."""
+    """What a reader gets after its cursor: frames up to `last_seq`, with a `gap` event where
+    events were dropped."""
 
-    gap: Gap | None
     frames: list[Frame]
     last_seq: int
 
@@ -55,7 +48,8 @@ class Reader:
 
 
 class RunLog:
-    def __init__(self, window_bytes: int, keep_unsent: bool) -> None:
+    def __init__(self, run_id: str, window_bytes: int, keep_unsent: bool) -> None:
+        self.run_id = run_id
         self.window_bytes = window_bytes
         self.keep_unsent = keep_unsent  # the run belongs to its readers: backpressure, no drops
         self.on_room: Callable[[], None] | None = None  # readers caught up after a pause
@@ -184,16 +178,16 @@ class RunLog:
             cursor = 0
         terminal_seq = self._next_seq - 1 if self._terminal is not None else None
         next_kept = self._first_kept if self._frames or terminal_seq is None else terminal_seq
-        gap = None
         if cursor + 1 < next_kept and cursor < self.last_seq:
-            gap = Gap(cursor, next_kept, self._offsets[next_kept] - self._offsets[cursor + 1])
+            dropped = self._offsets[next_kept] - self._offsets[cursor + 1]
+            frames.append((gap_frame(self.run_id, cursor, next_kept, dropped),))
             cursor = next_kept - 1
         start = cursor + 1 - self._first_kept
         if 0 <= start < len(self._frames):
             frames.extend(itertools.islice(self._frames, start, None))
         if self._terminal is not None and cursor < terminal_seq:  # type: ignore[operator]
             frames.append(self._terminal)
-        return Slice(gap, frames, self.last_seq)
+        return Slice(frames, self.last_seq)
 
     async def wait(self, cursor: int, timeout: float | None) -> bool:
         """Until there is an event after `cursor` (True) or `timeout` passes (False)."""

@@ -382,7 +382,8 @@ class Shell:
         self._current = None
         self._pipes.sink = None
         run.on_room = None
-        run.ended = process.now()  # bounds the escalation that may still be pending
+        if run.interrupt_signal is not None:
+            run.ended = process.now()  # bounds the escalation that may still be pending
         if current.timer is not None:
             current.timer.cancel()
         if current.stdin is not None:

@@ -62,7 +62,7 @@ class TextChunker:
     """Turns one stream's bytes into text chunks that never split a UTF-8 character."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoder: codecs.IncrementalDecoder | None = None  # made for the first non-ASCII byte
         self._pending = False  # the decoder holds the start of a character
 
     @property
@@ -73,6 +73,8 @@ class TextChunker:
         """ASCII comes back as bytes (the fast path), anything else as decoded text."""
         if not self._pending and data.isascii() and not final:
             return data
+        if self._decoder is None:
+            self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = self._decoder.decode(data, final)
         self._pending = bool(self._decoder.getstate()[0])
         return text

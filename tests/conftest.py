@@ -58,12 +58,22 @@ class RunResult:
         return self.terminal.data
 
 
+GAP_ID = -1  # a `gap` event has no `id:` line (v2)
+
+
 def parse_sse(raw: bytes) -> list[Event]:
-    """Strict parser of the framing the contract pins: id, event, one data line; `: ping` comments."""
+    """Strict parser of the framing the contract pins: id, event, one data line; `: ping` comments;
+    `gap` events with an event and a data line only."""
     events = []
     for block in raw.decode().split("\n\n"):
         lines = [line for line in block.split("\n") if line and not line.startswith(":")]
         if not lines:
+            continue
+        if lines[0] == "event: gap":
+            assert len(lines) == 2 and lines[1].startswith("data: "), block
+            data = json.loads(lines[1][len("data: ") :])
+            assert data["type"] == "gap" and "seq" not in data and "timestamp" not in data, data
+            events.append(Event(type="gap", id=GAP_ID, data=data))
             continue
         assert len(lines) == 3, block
         assert lines[0].startswith("id: ") and lines[1].startswith("event: ") and lines[2].startswith("data: "), block

@@ -17,7 +17,7 @@ from execd.logging import get_logger
 from execd.registry import Session
 from execd.run import Run, RunRequest
 from execd.runlog import NO_CURSOR, Reader
-from execd.sse import PING, gap_frame
+from execd.sse import PING, frame_size
 
 log = get_logger("execd.api")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -66,7 +66,7 @@ async def stream(request: web.Request, run: Run, after: int) -> web.StreamRespon
     reader = run.attach(after)
     response = LazyResponse(request)
     try:
-        await _pump(reader, response, request.app[SETTINGS].sse_ping_s, run.run_id)
+        await _pump(reader, response, request.app[SETTINGS].sse_ping_s)
         return response.sent
     except Exception as exc:
         if isinstance(exc, ConnectionError):
@@ -77,37 +77,37 @@ async def stream(request: web.Request, run: Run, after: int) -> web.StreamRespon
         reader.detach()
 
 
-async def _pump(reader: Reader, response: LazyResponse, ping_s: float, run_id: str) -> None:
+async def _pump(reader: Reader, response: LazyResponse, ping_s: float) -> None:
     """Send the log's frames after the reader's cursor until the terminal event."""
     runlog = reader.log
     taken = reader.cursor
     pending: list[bytes] = []
     size = 0
     oldest = last_write = time.monotonic()
+    catching_up = True  # what the log held when the reader came is sent at once (a resume)
     while True:
         part = runlog.after(taken)
-        if part.gap is not None or part.frames:
+        if part.frames:
             if not pending:
                 oldest = time.monotonic()
-            if part.gap is not None:
-                gap = part.gap
-                pending.append(gap_frame(run_id, gap.after, gap.next_seq, gap.dropped_bytes))
             for frame in part.frames:
                 pending.extend(frame)
-                size += sum(len(piece) for piece in frame)
+                size += frame_size(frame)
             taken = part.last_seq
         if runlog.finished and taken == runlog.last_seq:
             await response.write_eof(b"".join(pending))
             reader.sent(taken)
             return
         now = time.monotonic()
-        if pending and (size >= FLUSH_BYTES or now - oldest >= FLUSH_DELAY_S):
+        if pending and (size >= FLUSH_BYTES or now - oldest >= FLUSH_DELAY_S or (catching_up and taken > 0)):
             await response.write(b"".join(pending))
             pending.clear()
             size = 0
             last_write = time.monotonic()
             reader.sent(taken)
+            catching_up = False
             continue
+        catching_up = False
         timeout: float | None
         if pending:
             timeout = min(QUIET_S, FLUSH_DELAY_S - (now - oldest))
