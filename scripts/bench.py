@@ -11,7 +11,16 @@ port, drives it with a minimal keep-alive HTTP/1.1 client on raw asyncio streams
 
 Each floor is measured in the same run, on the same machine, so a busy machine moves both. A row is
 OK when it meets its target and SHORT when it does not; the exit status does not depend on timings
-(0 = every figure measured and nothing left behind; `--strict` also fails on a SHORT row).
+(0 = every figure measured and nothing left behind; `--strict` also fails on a SHORT row; 5 = a row
+was not measured because the daemon lacks a route it needs, as an older daemon does).
+
+`--daemon-root PATH` runs the daemon from another checkout (PYTHONPATH=PATH, this same venv, this
+same client and floors): `scripts/bench-pairs` uses it to measure an old and a new daemon turn
+about, as a change on a run's byte path must be measured.
+
+The rows of runs as resources (v2) run on a daemon of their own: RSS growth while 100 background
+runs print with nobody reading (bounded by their event-log windows), the drain rate of a background
+run with no reader, and reattaching after a cut (`Last-Event-ID`) until the first missed event.
 
 Everything the bench starts carries `EXECD_BENCH_TOKEN=<random>` in its environment and every
 session shell carries `EXECD_SESSION_ID`: when the bench ends it checks that none of them is left
@@ -38,7 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,12 +64,23 @@ PIPE_SIZE = 1024 * 1024  # what the daemon asks for its own pipes
 F_SETPIPE_SZ = 1031
 KB = 1000
 MB = 1000 * 1000  # decimal units throughout: the stricter reading of every target
+RUN_LOG_BYTES = 1024 * 1024  # the daemon's default EXECD_RUN_LOG_BYTES (a run's event log window)
 
 T = TypeVar("T")
 
 
 class BenchError(Exception):
     """A figure could not be measured (the daemon answered wrongly, a peer failed, ...)."""
+
+
+class RouteMissing(BenchError):
+    """The daemon lacks a route or field a row needs (an older daemon, `--daemon-root`): the row is
+    reported as not measured, and the others go on. `str()` is short (for the table); `detail` adds
+    the daemon's message."""
+
+    def __init__(self, short: str, detail: str) -> None:
+        super().__init__(short)
+        self.detail = detail
 
 
 # ----- sizes ---------------------------------------------------------------------------------------
@@ -90,6 +110,12 @@ class Plan:
     peer_output_bytes: int
     peer_create_n: int
     peer_concurrent_runs: int
+    delete_n: int
+    reattach_n: int
+    drain_bytes: int
+    drain_repeats: int
+    background_runs: int
+    background_bytes: int
 
 
 FULL = Plan(
@@ -113,6 +139,12 @@ FULL = Plan(
     peer_output_bytes=5 * MB,
     peer_create_n=8,
     peer_concurrent_runs=10,
+    delete_n=100,
+    reattach_n=200,
+    drain_bytes=200 * MB,
+    drain_repeats=3,
+    background_runs=100,
+    background_bytes=50 * MB,
 )
 QUICK = Plan(
     warmup=20,
@@ -135,6 +167,12 @@ QUICK = Plan(
     peer_output_bytes=5 * MB,
     peer_create_n=2,
     peer_concurrent_runs=3,
+    delete_n=20,
+    reattach_n=30,
+    drain_bytes=20 * MB,
+    drain_repeats=1,
+    background_runs=100,
+    background_bytes=2 * MB,
 )
 
 
@@ -238,8 +276,10 @@ class Http:
         with suppress(OSError):
             await self.writer.wait_closed()
 
-    def send(self, method: str, path: str, body: bytes | None = None) -> None:
+    def send(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> None:
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), path.encode(), self.host_header)
+        for key, value in (headers or {}).items():
+            head += b"%s: %s\r\n" % (key.encode(), value.encode())
         if body:
             head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
             self.writer.write(head + body)
@@ -257,7 +297,7 @@ class Http:
                 headers[key.strip().lower()] = value.strip()
         return status, headers
 
-    async def chunks(self, headers: dict[bytes, bytes]) -> AsyncIterator[bytes]:
+    async def chunks(self, headers: dict[bytes, bytes]) -> AsyncGenerator[bytes, None]:
         """The body's pieces: chunked transfer coding or Content-Length (the only two aiohttp uses)."""
         if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             while True:
@@ -323,11 +363,37 @@ def ping_once(port: int) -> bool:
         return False
 
 
-class Daemon:
-    """`python -m execd serve` on a free loopback port, logging JSON to a file."""
+def daemon_env(env: dict[str, str], root: Path) -> dict[str, str]:
+    """The environment that makes `python -m execd` run the code of the checkout at `root` with this
+    same interpreter and venv: `root` first on PYTHONPATH (the venv's editable install of this
+    checkout is found after every sys.path entry, so it does not shadow it)."""
+    if root == ROOT:
+        return env
+    path = env.get("PYTHONPATH")
+    return {**env, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else str(root)}
 
-    def __init__(self, name: str, workdir: Path, env: dict[str, str]) -> None:
+
+def daemon_source(env: dict[str, str], root: Path) -> dict[str, str]:
+    """Which package `python -m execd` imports with that environment (checked, not assumed), and the
+    checkout's commit."""
+    probe = [sys.executable, "-c", "import execd; print(execd.__file__)"]
+    done = subprocess.run(probe, cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise BenchError(f"daemon root {root}: `import execd` failed: {done.stderr.strip()[-600:]}")
+    package = Path(done.stdout.strip()).resolve().parent
+    if not package.is_relative_to(root.resolve()):
+        raise BenchError(f"daemon root {root}: python -m execd would run {package}, not that checkout's code")
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+    return {"root": str(root), "package": str(package), "commit": rev.stdout.strip() if rev.returncode == 0 else "?"}
+
+
+class Daemon:
+    """`python -m execd serve` on a free loopback port, logging JSON to a file; the code of the
+    checkout at `root` (see `daemon_env`)."""
+
+    def __init__(self, name: str, workdir: Path, env: dict[str, str], root: Path = ROOT) -> None:
         self.name = name
+        self.root = root
         self.log_path = workdir / f"daemon-{name}.log"
         self.env = env
         self.port = 0
@@ -348,7 +414,7 @@ class Daemon:
             with open(self.log_path, "ab") as log_file:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "execd", "serve", "--host", HOST, "--port", str(self.port)],
-                    cwd=ROOT,
+                    cwd=self.root,
                     env=self.env,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
@@ -512,6 +578,14 @@ class PipeBash:
                 raise BenchError("floor bash did not answer within 10 s")
             record += os.read(self.status, 64)
         return int(record[:-1])
+
+    def kill(self) -> None:
+        """End it as a DELETE must: SIGKILL to its process group, reap it, close its fds, remove its dir."""
+        os.killpg(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        for fd in (self.stdin, self.status, self.stdout, self.stderr):
+            os.close(fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def close(self) -> None:
         os.close(self.stdin)  # EOF: bash exits
@@ -764,6 +838,290 @@ async def idle_sessions(daemon: Daemon, plan: Plan) -> dict[str, float]:
         await conn.close()
 
 
+# ----- DELETE and runs as resources (v2) -----------------------------------------------------------
+
+
+async def delete_once(conn: Http, daemon: Daemon) -> float:
+    """Seconds a DELETE of an idle session takes (the session created and run once beforehand)."""
+    session_id = (await create_session(conn, daemon))["session_id"]
+    await conn.run(session_id, TRUE)
+    start = time.perf_counter()
+    await delete_session(conn, daemon, session_id)
+    return time.perf_counter() - start
+
+
+def kill_floor(env: dict[str, str]) -> float:
+    """Seconds to end a bash over pipes as a DELETE must (its floor): SIGKILL to its process group,
+    reap it, close its fds, remove its FIFO's dir; spawned and run once beforehand, untimed."""
+    shell = PipeBash(env)
+    shell.round_trip(b"true")
+    start = time.perf_counter()
+    shell.kill()
+    return time.perf_counter() - start
+
+
+def route_missing(status: int, data: bytes) -> tuple[str, str] | None:
+    """Whether an answer says the daemon lacks a route or field a v2 row needs (so the row is not
+    measured): a 404/405 that names no session or run, or a 400 refusing a v2 field; then its status
+    and code, and its message."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = None
+    code = body.get("code") if isinstance(body, dict) else None
+    message = str(body.get("message")) if isinstance(body, dict) else data[:200].decode(errors="replace")
+    if (status in (404, 405) and code not in ("SESSION_NOT_FOUND", "RUN_NOT_FOUND")) or (
+        status == 400 and "background" in message
+    ):
+        return f"{status} {code}", message
+    return None
+
+
+def check_answer(what: str, status: int, data: bytes, expect: int) -> None:
+    if status == expect:
+        return
+    missing = route_missing(status, data)
+    if missing is not None:
+        short = f"route missing ({what} -> {missing[0]})"
+        raise RouteMissing(short, f"{short}: {missing[1]}")
+    raise BenchError(f"{what} -> {status} (expected {expect}): {data[:300]!r}")
+
+
+async def start_background(conn: Http, session_id: str, code: str) -> dict[str, Any]:
+    """POST a background run; its run object (202)."""
+    status, data = await conn.request(
+        "POST", f"/session/{session_id}/run", json.dumps({"code": code, "background": True}).encode()
+    )
+    check_answer("POST /session/{id}/run with background", status, data, 202)
+    run: dict[str, Any] = json.loads(data)
+    return run
+
+
+async def run_object(conn: Http, session_id: str, run_id: str) -> dict[str, Any]:
+    status, data = await conn.request("GET", f"/session/{session_id}/runs/{run_id}")
+    check_answer("GET /session/{id}/runs/{run_id}", status, data, 200)
+    run: dict[str, Any] = json.loads(data)
+    return run
+
+
+@dataclass
+class Event:
+    seq: int | None  # None for a `gap`, which has no id
+    type: str
+    data: bytes
+
+
+class Sse:
+    """The events of one SSE response, parsed just enough (`id:`, `event:`, `data:`); comments skipped."""
+
+    def __init__(self, conn: Http, headers: dict[bytes, bytes]) -> None:
+        self.conn = conn
+        self.chunks = conn.chunks(headers)
+        self.buffer = b""
+
+    async def next(self) -> Event | None:
+        while True:
+            end = self.buffer.find(b"\n\n")
+            if end >= 0:
+                frame, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
+                seq, kind, data = None, "message", b""
+                for line in frame.split(b"\n"):
+                    key, _, value = line.partition(b":")
+                    value = value.removeprefix(b" ")
+                    if key == b"id":
+                        seq = int(value)
+                    elif key == b"event":
+                        kind = value.decode()
+                    elif key == b"data":
+                        data = value
+                if kind != "message" or data:
+                    return Event(seq, kind, data)
+                continue  # a comment (`: ping`)
+            chunk = await anext(self.chunks, None)
+            if chunk is None:
+                return None
+            self.buffer += chunk
+
+    async def cut(self) -> None:
+        """Drop the connection at once (RST), as a network cut would, whatever is still unread."""
+        await self.chunks.aclose()
+        self.conn.writer.transport.abort()
+
+
+async def open_events(port: int, session_id: str, run_id: str, after: int | None) -> Sse:
+    conn = await Http.open(port)
+    path = f"/session/{session_id}/runs/{run_id}/events"
+    conn.send("GET", path, headers={"Last-Event-ID": str(after)} if after is not None else None)
+    status, headers = await conn.head()
+    if status != 200:
+        data = b"".join([chunk async for chunk in conn.chunks(headers)])
+        await conn.close()
+        what = "GET /session/{id}/runs/{run_id}/events" + (" with Last-Event-ID" if after is not None else "")
+        check_answer(what, status, data, 200)
+    return Sse(conn, headers)
+
+
+async def fresh_healthz(port: int) -> float:
+    """Seconds for a fresh connection and a GET /healthz on it (the reattach row's floor)."""
+    start = time.perf_counter()
+    conn = await Http.open(port)
+    status, data = await conn.request("GET", "/healthz")
+    elapsed = time.perf_counter() - start
+    await conn.close()
+    if status != 200:
+        raise BenchError(f"GET /healthz -> {status}: {data[:200]!r}")
+    return elapsed
+
+
+TICKER = "for i in $(seq 1 30000); do echo tick $i; sleep 0.02; done"  # a line every ~20 ms, 10 min at most
+
+
+async def reattach_latencies(daemon: Daemon, n: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds from cutting a reader of a background run to the first event it missed, read on a new
+    connection that resumes with Last-Event-ID; turn about with a fresh connection's GET /healthz.
+    Each cut comes once the run's log holds an event the reader has not read, so what is timed is
+    the resume itself, not the wait for the command's next line."""
+    control = await Http.open(daemon.port)
+    sse: Sse | None = None
+    values, floors = [], []
+    try:
+        session_id = (await create_session(control, daemon))["session_id"]
+        await control.run(session_id, TRUE)
+        run_id = (await start_background(control, session_id, TICKER))["run_id"]
+        sse = await open_events(daemon.port, session_id, run_id, None)
+        last = -1
+        while True:  # init, then up to the first line of output
+            event = await sse.next()
+            if event is None or event.seq != last + 1:
+                raise BenchError(f"events of {run_id} from the start: {event!r} after seq {last}")
+            last = event.seq
+            if event.type == "stdout":
+                break
+        for i in range(warmup + n):
+            deadline = time.monotonic() + 10
+            while (await run_object(control, session_id, run_id))["last_seq"] <= last:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"run {run_id} logged nothing after seq {last} in 10 s")
+                await asyncio.sleep(0.003)
+            await sse.cut()
+            start = time.perf_counter()
+            sse = await open_events(daemon.port, session_id, run_id, last)
+            event = await asyncio.wait_for(sse.next(), 10)
+            elapsed = time.perf_counter() - start
+            if event is None or event.seq != last + 1 or event.type != "stdout":
+                raise BenchError(f"resumed after seq {last}, the first event was {event!r}")
+            last = event.seq
+            floor = await fresh_healthz(daemon.port)
+            if i >= warmup:
+                values.append(elapsed)
+                floors.append(floor)
+        await sse.cut()
+        sse = None
+        await delete_session(control, daemon, session_id)
+    finally:
+        if sse is not None:
+            await sse.cut()
+        await control.close()
+    return values, floors
+
+
+async def wait_finished(conn: Http, session_id: str, run_id: str, poll_s: float, timeout_s: float) -> dict[str, Any]:
+    """The run object once it has left `running`, polled every `poll_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = await run_object(conn, session_id, run_id)
+        if run["state"] != "running":
+            return run
+        if time.monotonic() > deadline:
+            raise BenchError(f"run {run_id} still running after {timeout_s:g} s: {run}")
+        await asyncio.sleep(poll_s)
+
+
+async def background_drain(conn: Http, daemon: Daemon, n_bytes: int) -> tuple[float, dict[str, Any]]:
+    """MB/s of a background run with no reader, from its 202 until its run object reads a terminal
+    state (polled every 10 ms); and that run object."""
+    session_id = (await create_session(conn, daemon))["session_id"]
+    try:
+        await conn.run(session_id, TRUE)
+        run = await start_background(conn, session_id, output_code(n_bytes))
+        start = time.perf_counter()
+        run = await wait_finished(conn, session_id, run["run_id"], 0.01, 300)
+        elapsed = time.perf_counter() - start
+    finally:
+        await delete_session(conn, daemon, session_id)
+    if run["state"] != "completed" or run["exit_code"] != 0 or run["output_bytes"] != n_bytes:
+        raise BenchError(f"background output run of {n_bytes} bytes ended as {run}")
+    return n_bytes / MB / elapsed, run
+
+
+async def background_rss(daemon: Daemon, count: int, n_bytes: int) -> dict[str, Any]:
+    """Daemon RSS growth while `count` background runs (one per session) each print `n_bytes` with no
+    reader attached: baseline with the sessions idle, peak sampled every 20 ms until every run object
+    reads a terminal state, and after."""
+    parallel = 8
+    conns = [await Http.open(daemon.port) for _ in range(parallel)]
+    ids: list[str] = []
+    try:
+
+        async def creator(conn: Http, k: int) -> None:
+            for _ in range(k):
+                session_id = (await create_session(conn, daemon))["session_id"]
+                await conn.run(session_id, TRUE)
+                ids.append(session_id)
+
+        await asyncio.gather(*(creator(c, count // parallel + (i < count % parallel)) for i, c in enumerate(conns)))
+        await asyncio.sleep(0.3)
+        baseline = peak = daemon.rss()
+        runs: dict[str, str] = {}
+        done = False
+
+        async def sampler() -> None:
+            nonlocal peak
+            while not done:
+                peak = max(peak, daemon.rss())
+                await asyncio.sleep(0.02)
+
+        sampling = asyncio.ensure_future(sampler())
+        try:
+            start = time.perf_counter()
+
+            async def starter(conn: Http, mine: list[str]) -> None:
+                for session_id in mine:
+                    runs[session_id] = (await start_background(conn, session_id, output_code(n_bytes)))["run_id"]
+
+            await asyncio.gather(*(starter(c, ids[i::parallel]) for i, c in enumerate(conns)))
+            deadline = time.monotonic() + 600
+            while True:
+                listing = await conns[0].json("GET", "/session")
+                if not any(s["state"] == "running" for s in listing["sessions"] if s["session_id"] in runs):
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{count} background runs of {n_bytes} bytes not done in 600 s")
+                await asyncio.sleep(0.1)
+            finished = [await wait_finished(conns[0], s, r, 0.01, 30) for s, r in runs.items()]
+            elapsed = time.perf_counter() - start
+        finally:
+            done = True
+            await sampling
+        peak = max(peak, daemon.rss())
+        after = daemon.rss()
+        bad = [r for r in finished if r["state"] != "completed" or r["exit_code"] != 0 or r["output_bytes"] != n_bytes]
+        if bad:
+            raise BenchError(f"{len(bad)} of {count} background runs ended wrongly, e.g. {bad[0]}")
+        return {
+            "baseline": baseline,
+            "peak": peak,
+            "after": after,
+            "elapsed_s": elapsed,
+            "output_bytes": sum(r["output_bytes"] for r in finished),
+            "dropped_bytes": sum(r["dropped_bytes"] for r in finished),
+        }
+    finally:
+        for conn in conns:
+            await conn.close()
+        await delete_all(daemon, budget_s=60)
+
+
 # ----- SWE-ReX -------------------------------------------------------------------------------------
 
 PEER_DRIVER = r"""
@@ -938,11 +1296,19 @@ class Results:
     figures: list[Figure] = field(default_factory=list)
     peer: dict[str, Any] | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    not_measured: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> label, reason
+    daemons: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> root, package, commit
 
     def add(self, fig: Figure) -> None:
         self.figures.append(fig)
         mark = "-" if fig.ok is None else ("OK" if fig.ok else "SHORT")
         log(f"{fig.name} = {fig.value:.4g} {fig.unit}  [{mark}]")
+
+    def skip(self, rows: dict[str, str], missing: RouteMissing) -> None:
+        """Rows (name -> label) the daemon could not be measured on: it lacks what they need."""
+        for name, label in rows.items():
+            self.not_measured[name] = {"label": label, "reason": str(missing), "detail": missing.detail}
+        log(f"not measured: {', '.join(rows)}: {missing.detail}")
 
 
 def in_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -1106,6 +1472,20 @@ async def http_rows(daemon: Daemon, plan: Plan, results: Results, env: dict[str,
                        len(interrupts), op="<=", absolute=20))  # fmt: skip
     results.add(figure("interrupt_p99", "interrupt -> terminal event p99 (`sleep 100`)", p99(interrupts), "ms",
                        len(interrupts), op="<=", absolute=50))  # fmt: skip
+    log("DELETE of an idle session (run once), turn about with killing a bash over pipes directly")
+    conn = await Http.open(daemon.port)
+    try:
+        deletes, kills = await interleaved(
+            lambda: delete_once(conn, daemon), lambda: kill_floor(env), plan.delete_n, min(plan.warmup, 5)
+        )
+    finally:
+        await conn.close()
+    deletes, kills = ms(deletes), ms(kills)
+    kill_label = "SIGKILL bash's process group, reap, close its pipes, no HTTP"
+    results.add(figure("delete_idle_p50", "DELETE of an idle session p50", p50(deletes), "ms", len(deletes),
+                       floor=p50(kills), floor_label=f"{kill_label}, p50", op="<=", absolute=5))  # fmt: skip
+    results.add(figure("delete_idle_p99", "DELETE of an idle session p99", p99(deletes), "ms", len(deletes),
+                       floor=p99(kills), floor_label=f"{kill_label}, p99", op="<=", absolute=15))  # fmt: skip
     log(f"{plan.concurrent_sessions} sessions x {plan.concurrent_runs} `echo hi`, concurrent")
     rate = await concurrent_rate(daemon, plan.concurrent_sessions, plan.concurrent_runs)
     results.add(
@@ -1121,13 +1501,122 @@ async def http_rows(daemon: Daemon, plan: Plan, results: Results, env: dict[str,
     )
 
 
+async def run_rows(daemon: Daemon, plan: Plan, results: Results, env: dict[str, str], log_bytes: int) -> None:
+    """The rows of runs as resources (v2), on a daemon of their own: RSS first (fresh), then the
+    background drain, then reattaching. A daemon without the v2 routes gets them as not measured."""
+    count, size = plan.background_runs, plan.background_bytes
+    rss_label = f"daemon RSS growth, {count} background runs x {size / MB:g} MB, no reader"
+    drain_label = f"{plan.drain_bytes / MB:g} MB background run, no reader: 202 -> run object `completed`"
+    reattach_labels = {
+        "reattach_p50": "reattach: cut -> first missed event on a new connection (Last-Event-ID), p50",
+        "reattach_p99": "reattach: cut -> first missed event on a new connection (Last-Event-ID), p99",
+    }
+    conn = await Http.open(daemon.port)
+    try:
+        probe = (await create_session(conn, daemon))["session_id"]
+        try:
+            run = await start_background(conn, probe, "true")
+            await wait_finished(conn, probe, run["run_id"], 0.005, 30)
+        except RouteMissing as exc:
+            results.skip({"rss_100_background_runs": rss_label, "background_drain_mbps": drain_label,
+                          **reattach_labels}, exc)  # fmt: skip
+            return
+        finally:
+            await delete_session(conn, daemon, probe)
+
+        log(f"{count} background runs x {size / MB:g} MB, nobody reading: daemon RSS")
+        try:
+            rss = await background_rss(daemon, count, size)
+        except RouteMissing as exc:
+            results.skip({"rss_100_background_runs": rss_label}, exc)
+        else:
+            window = count * log_bytes / MB
+            results.extra["background_rss_after_mb"] = (rss["after"] - rss["baseline"]) / MB
+            results.add(
+                figure(
+                    "rss_100_background_runs",
+                    rss_label,
+                    (rss["peak"] - rss["baseline"]) / MB,
+                    "MB",
+                    count,
+                    op="<=",
+                    absolute=round(window + 32, 1),
+                    note=(
+                        f"target {count} x EXECD_RUN_LOG_BYTES ({log_bytes}) + 32 MB; baseline "
+                        f"{rss['baseline'] / MB:.1f} MB with {count} idle sessions, peak {rss['peak'] / MB:.1f} MB, "
+                        f"{(rss['after'] - rss['baseline']) / MB:.1f} MB above baseline once all ended; "
+                        f"{rss['output_bytes'] / MB:.0f} MB written in {rss['elapsed_s']:.1f} s, "
+                        f"{rss['dropped_bytes'] / MB:.0f} MB dropped from the logs"
+                    ),
+                )
+            )
+
+        log(f"{plan.drain_bytes / MB:g} MB background run with no reader, turn about with a direct pipe drain")
+        try:
+            rates: list[float] = []
+            drains: list[float] = []
+            last_run: dict[str, Any] = {}
+            for _ in range(plan.drain_repeats):
+                rate, last_run = await background_drain(conn, daemon, plan.drain_bytes)
+                rates.append(rate)
+                drains.append(floor_pipe_drain(env, plan.drain_bytes))
+        except RouteMissing as exc:
+            results.skip({"background_drain_mbps": drain_label}, exc)
+        else:
+            results.extra["background_output_bytes"] = last_run["output_bytes"]
+            results.extra["background_dropped_bytes"] = last_run["dropped_bytes"]
+            results.add(
+                figure(
+                    "background_drain_mbps",
+                    drain_label,
+                    statistics.median(rates),
+                    "MB/s",
+                    plan.drain_repeats,
+                    floor=statistics.median(drains),
+                    floor_label="Python draining the same command's pipe (os.read loop)",
+                    op=">=",
+                    factor=0.5,
+                    note=(
+                        f"run object: output_bytes {last_run['output_bytes']}, "
+                        f"dropped_bytes {last_run['dropped_bytes']} (log window {log_bytes})"
+                    ),
+                )
+            )
+
+        log("reattach to a background run after a cut, turn about with a fresh connection's GET /healthz")
+        try:
+            reattach, healthz = await reattach_latencies(daemon, plan.reattach_n, min(plan.warmup, 5))
+        except RouteMissing as exc:
+            results.skip(reattach_labels, exc)
+        else:
+            reattach, healthz = ms(reattach), ms(healthz)
+            floor_label = "fresh connection + GET /healthz"
+            results.add(figure("reattach_p50", reattach_labels["reattach_p50"], p50(reattach), "ms", len(reattach),
+                               floor=p50(healthz), floor_label=f"{floor_label}, p50", op="<=", factor=3))  # fmt: skip
+            results.add(figure("reattach_p99", reattach_labels["reattach_p99"], p99(reattach), "ms", len(reattach),
+                               floor=p99(healthz), floor_label=f"{floor_label}, p99", op="<=", factor=3))  # fmt: skip
+    finally:
+        await conn.close()
+
+
 def bench(
-    plan: Plan, peer: str | None, peer_venv: Path | None, workdir: Path, token: str, problems: list[str]
+    plan: Plan,
+    peer: str | None,
+    peer_venv: Path | None,
+    workdir: Path,
+    token: str,
+    problems: list[str],
+    daemon_root: Path = ROOT,
 ) -> Results:
-    """Every row; `problems` collects what went wrong around the figures (leftovers, a hung daemon)."""
+    """Every row; `problems` collects what went wrong around the figures (leftovers, a hung daemon).
+    The daemons run the code of the checkout at `daemon_root`; the floors and the client are this one."""
     results = Results()
     child_env = {**os.environ, TOKEN_VAR: token}
     child_env.pop("EXECD_ACCESS_TOKEN", None)
+    log_bytes = int(child_env.get("EXECD_RUN_LOG_BYTES", str(RUN_LOG_BYTES)))
+    execd_env = daemon_env(child_env, daemon_root)
+    results.daemons["execd"] = daemon_source(execd_env, daemon_root)
+    log(f"daemon code: {results.daemons['execd']['package']} (commit {results.daemons['execd']['commit'][:12]})")
     session_ids: set[str] = set()
     daemons: list[Daemon] = []
     swerex_python: Path | None = None
@@ -1135,7 +1624,7 @@ def bench(
         swerex_python = install_swerex(peer_venv or workdir / "swerex-venv")
 
     def start(name: str, **settings: str) -> Daemon:
-        daemon = Daemon(name, workdir, {**child_env, **settings})
+        daemon = Daemon(name, workdir, {**execd_env, **settings}, daemon_root)
         daemons.append(daemon)
         daemon.start()
         log(f"daemon {name}: pid {daemon.pid}, port {daemon.port}")
@@ -1219,6 +1708,11 @@ def bench(
             )
         )
 
+        # Daemon C: runs as resources (v2).
+        runs = start("runs")
+        in_loop(run_rows(runs, plan, results, child_env, log_bytes))
+        finish(runs)
+
         if swerex_python is not None:
             log("SWE-ReX (LocalRuntime, in-process: no HTTP)")
             results.peer = measure_swerex(swerex_python, plan, child_env)
@@ -1239,11 +1733,17 @@ FIGURE_NAMES = [
     "create_first_run_p50",
     "interrupt_p50",
     "interrupt_p99",
+    "delete_idle_p50",
+    "delete_idle_p99",
     "concurrent_runs_per_s",
+    "reattach_p50",
+    "reattach_p99",
+    "background_drain_mbps",
     "rss_per_session",
     "true_p99_idle_sessions",
     "rss_idle",
     "rss_growth_stalled_stream",
+    "rss_100_background_runs",
 ]
 
 
@@ -1262,13 +1762,20 @@ def table(results: Results) -> str:
         "| figure | value | floor measured beside it | target | ratio | status |",
         "|---|---|---|---|---|---|",
     ]
+    rows: list[tuple[str, str]] = []
     for f in results.figures:
         floor = f"{fmt(f.floor, f.floor_unit)} ({f.floor_label})" if f.floor is not None else "-"
         target = f"{f.target} (= {fmt(f.target_value, f.unit)})" if f.target and "floor" in f.target else f.target
         ratio = f"{f.ratio:.2f} x {f.ratio_of}" if f.ratio is not None else "-"
         status = "-" if f.ok is None else ("OK" if f.ok else "SHORT")
-        lines.append(f"| {f.label} | {fmt(f.value, f.unit)} | {floor} | {target or '-'} | {ratio} | {status} |")
-    return "\n".join(lines)
+        line = f"| {f.label} | {fmt(f.value, f.unit)} | {floor} | {target or '-'} | {ratio} | {status} |"
+        rows.append((f.name, line))
+    for name, skipped in results.not_measured.items():
+        reason = skipped["reason"].replace("|", "/")
+        rows.append((name, f"| {skipped['label']} | not measured: {reason} | - | - | - | NOT MEASURED |"))
+    order = {name: i for i, name in enumerate(FIGURE_NAMES)}
+    rows.sort(key=lambda row: order.get(row[0], len(order)))
+    return "\n".join(lines + [line for _, line in rows])
 
 
 def peer_figures(results: Results, plan: Plan) -> list[dict[str, Any]]:
@@ -1333,14 +1840,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-venv", type=Path, metavar="DIR", help="venv for the peer (reused if it has it)")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a row is SHORT")
     parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs (path printed)")
+    parser.add_argument(
+        "--daemon-root",
+        type=Path,
+        default=ROOT,
+        metavar="PATH",
+        help="run the daemon from the checkout at PATH (PYTHONPATH=PATH, this same venv); default this one",
+    )
     args = parser.parse_args(argv)
+    daemon_root = args.daemon_root.resolve()
+    if not (daemon_root / "execd" / "__main__.py").is_file():
+        parser.error(f"--daemon-root {args.daemon_root}: no execd/__main__.py there")
     plan = QUICK if args.quick else FULL
     token = secrets.token_hex(8)
     started = time.perf_counter()
     problems: list[str] = []
     with workspace(args.keep_logs) as workdir:
         try:
-            results = bench(plan, args.peer, args.peer_venv, workdir, token, problems)
+            results = bench(plan, args.peer, args.peer_venv, workdir, token, problems, daemon_root)
         except (BenchError, OSError, asyncio.IncompleteReadError, psutil.Error) as exc:
             print(f"bench failed: {exc if isinstance(exc, BenchError) else repr(exc)}", file=sys.stderr)
             for problem in problems:
@@ -1352,7 +1869,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_logs:
             log(f"daemon logs kept in {workdir}")
     elapsed = time.perf_counter() - started
-    print(f"\nexecd bench ({'quick' if args.quick else 'full'}, {elapsed:.0f} s, load {os.getloadavg()[0]:.2f})\n")
+    source = results.daemons["execd"]
+    where = "" if daemon_root == ROOT else f", daemon from {source['root']} at {source['commit'][:12]}"
+    kind = "quick" if args.quick else "full"
+    print(f"\nexecd bench ({kind}, {elapsed:.0f} s, load {os.getloadavg()[0]:.2f}{where})\n")
     print(table(results))
     rows = peer_figures(results, plan)
     if rows:
@@ -1368,12 +1888,16 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "figures": [asdict(f) for f in results.figures],
             "extra": results.extra,
+            "not_measured": results.not_measured,
+            "daemon": results.daemons["execd"],
             "peer": {"name": args.peer, "figures": rows, "raw": results.peer} if rows else None,
             "problems": problems,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
     if problems:
         return 4
+    if results.not_measured:
+        return 5
     if args.strict and any(f.ok is False for f in results.figures):
         return 3
     return 0
