@@ -18,6 +18,7 @@ from execd.logging import get_logger
 log = get_logger("execd.pipes")
 Stream = Literal["stdout", "stderr"]
 READ_SIZE = 64 * 1024
+READS_PER_WAKE = 8
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = 1031
 OutputSink = Callable[[Stream, bytes], bool]  # False: stop reading until told there is room
@@ -59,16 +60,22 @@ class OutputPipes:
             self._loop.add_reader(fd, self._on_readable, fd)
 
     def _on_readable(self, fd: int) -> None:
-        data = _read(fd, READ_SIZE)
-        if not data:
-            if data is not None:  # EOF: every writer is gone, and an EOF is always 'readable'
-                self._forget(fd)
-            return
+        # Up to READS_PER_WAKE chunks while the pipe stays full: one turn of the event loop per
+        # chunk is what a fast writer would otherwise cost.
         stream = self._fds[fd]
-        if self.sink is None:
-            self._keep_between_runs(stream, data)
-        elif not self.sink(stream, data):
-            self._pause()
+        for _ in range(READS_PER_WAKE):
+            data = _read(fd, READ_SIZE)
+            if not data:
+                if data is not None:  # EOF: every writer is gone, and an EOF is always 'readable'
+                    self._forget(fd)
+                return
+            if self.sink is None:
+                self._keep_between_runs(stream, data)
+            elif not self.sink(stream, data):
+                self._pause()
+                return
+            if len(data) < READ_SIZE:
+                return
 
     def _pause(self) -> None:
         for fd in self._fds:
@@ -168,6 +175,7 @@ class StatusChannel:
         self._session_id = session_id
         self._partial = bytearray()
         self._fields: list[bytes] = []
+        self._invalid = 0
 
     def read_available(self) -> None:
         while True:
@@ -182,22 +190,21 @@ class StatusChannel:
                 return
 
     def _feed(self, data: bytes) -> None:
-        start = 0
-        while True:
-            end = data.find(b"\0", start)
-            if end < 0:
-                self._partial += data[start:]
-                if len(self._partial) > self.MAX_FIELD:
-                    log.error("status_field_too_long", session_id=self._session_id, size=len(self._partial))
-                    self._partial.clear()
-                return
-            self._partial += data[start:end]
-            self._fields.append(bytes(self._partial))
+        *complete, rest = data.split(b"\0")
+        if complete and self._partial:
+            complete[0] = bytes(self._partial) + complete[0]
             self._partial.clear()
-            start = end + 1
-            if len(self._fields) == self.FIELDS:
-                self._record(self._fields)
-                self._fields = []
+        self._partial += rest
+        if len(self._partial) > self.MAX_FIELD:
+            log.error("status_field_too_long", session_id=self._session_id, size=len(self._partial))
+            self._partial.clear()
+        if not complete:
+            return
+        fields = self._fields + complete if self._fields else complete
+        whole = len(fields) - len(fields) % self.FIELDS
+        for i in range(0, whole, self.FIELDS):
+            self._record(fields[i : i + self.FIELDS])
+        self._fields = fields[whole:]
 
     def _record(self, fields: list[bytes]) -> None:
         if fields[2] == b"again":
@@ -206,8 +213,11 @@ class StatusChannel:
         try:
             status = Status.parse(fields)
         except ValueError:
-            # Only the wrapper writes here; a garbled record must not stop the event loop.
-            log.error("status_record_invalid", session_id=self._session_id, record=fields)
+            # Only the wrapper writes here; a garbled record must not stop the event loop, nor a
+            # flood of them the log (the first and every 1000th are logged).
+            if self._invalid % 1000 == 0:
+                log.error("status_record_invalid", session_id=self._session_id, record=fields, seen=self._invalid + 1)
+            self._invalid += 1
             return
         self._on_status(status)
 

@@ -223,11 +223,11 @@ class Session:
         self.forget_old_runs(runs_kept)
 
     def forget_old_runs(self, runs_kept: int) -> None:
-        if len(self.runs) <= runs_kept:
-            return
-        finished = [r for r in self.runs.values() if not r.running]
-        for old in finished[: max(0, len(finished) - runs_kept)]:
-            del self.runs[old.run_id]
+        """Only the newest run can be in progress: the oldest ones are finished, forget them first."""
+        newest = next(reversed(self.runs.values()), None)
+        keep = runs_kept + (1 if newest is not None and newest.running else 0)
+        while len(self.runs) > keep:
+            del self.runs[next(iter(self.runs))]
 
 
 class Registry:

@@ -14,15 +14,15 @@ import collections
 import itertools
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from execd.sse import Frame, frame_size, gap_frame
 
 NO_CURSOR = -1  # a reader that wants everything, init included
+UNREAD_LIMIT = 256 * 1024
 
 
-@dataclass(frozen=True)
-class Slice:
+class Slice(NamedTuple):
     """What a reader gets after its cursor: frames up to `last_seq`, with a `gap` event where
     events were dropped."""
 
@@ -51,6 +51,9 @@ class RunLog:
     def __init__(self, run_id: str, window_bytes: int, keep_unsent: bool) -> None:
         self.run_id = run_id
         self.window_bytes = window_bytes
+        # How far the slowest reader may fall behind before the engine stops reading: less than a
+        # window, so a stalled client holds little memory (the pipe holds the rest).
+        self._unread_limit = min(window_bytes, UNREAD_LIMIT)
         self.keep_unsent = keep_unsent  # the run belongs to its readers: backpressure, no drops
         self.on_room: Callable[[], None] | None = None  # readers caught up after a pause
         self.on_readers_changed: Callable[[int], None] | None = None
@@ -105,9 +108,12 @@ class RunLog:
         to its readers and the slowest of them is a window behind)."""
         if not self.keep_unsent:
             return True
-        room = self._offsets[-1] - self._offsets[self._protected_from() + 1] < self.window_bytes
+        room = self._unread() < self._unread_limit
         self._paused = not room
         return room
+
+    def _unread(self) -> int:
+        return self._offsets[-1] - self._offsets[self._protected_from() + 1]
 
     def _protected_from(self) -> int:
         """Events after this seq are kept for readers: the slowest attached one, else the furthest
@@ -165,7 +171,7 @@ class RunLog:
 
     def _check_room(self) -> None:
         # Resume at half a window, not at the first free byte: fewer pause/resume turns.
-        if self._paused and self._offsets[-1] - self._offsets[self._protected_from() + 1] <= self.window_bytes // 2:
+        if self._paused and self._unread() <= self._unread_limit // 2:
             self._paused = False
             if self.on_room is not None:
                 self.on_room()

@@ -1,6 +1,6 @@
 """One persistent bash process over pipes, and the runs it drives to their end. No HTTP here.
 
-Protocol (see bootstrap.sh and docs/architecture.md):
+Protocol (see bootstrap.sh and the README, "How it works"):
 - the shell reads one wrapper line per run on its stdin, the daemon's private command channel;
 - the user's code is written to a private file and `source`d with its own stdin, so it can neither
   read the command channel nor desynchronise it, and a syntax error is only a failed run;

@@ -105,7 +105,13 @@ class EventEncoder:
         self._head = b',"run_id":%s' % json_string(run_id)
         self._budget = max_output_bytes
         self.output_truncated = False
-        self._chunkers = {"stdout": TextChunker(), "stderr": TextChunker()}
+        self._chunkers: dict[str, TextChunker] = {}  # made for a stream's first output
+
+    def _chunker(self, stream: str) -> TextChunker:
+        chunker = self._chunkers.get(stream)
+        if chunker is None:
+            chunker = self._chunkers[stream] = TextChunker()
+        return chunker
 
     def _event_start(self, event: str) -> bytes:
         """An event's frame up to the end of its common fields: `id`, `event`, and the `data`
@@ -131,7 +137,7 @@ class EventEncoder:
     ) -> Frame | None:
         """A chunk of output as a `stdout`/`stderr` frame, within what the output limit leaves
         (None when nothing of it is sent). Output from between runs is whole and not counted."""
-        chunk = self._chunkers[stream].feed(data, final)
+        chunk = self._chunker(stream).feed(data, final)
         if not chunk:
             return None
         if between_runs:

@@ -91,6 +91,11 @@ async def _pump(reader: Reader, response: LazyResponse, ping_s: float) -> None:
             if not pending:
                 oldest = time.monotonic()
             for frame in part.frames:
+                if size >= FLUSH_BYTES:
+                    # Writes of about 64 KiB: a join of a whole backlog is one big fresh buffer.
+                    await response.write(b"".join(pending))
+                    pending.clear()
+                    size = 0
                 pending.extend(frame)
                 size += frame_size(frame)
             taken = part.last_seq
