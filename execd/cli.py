@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -43,25 +44,35 @@ async def serve(settings: Settings) -> int:
     log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()
+    received: list[int] = []
 
     def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("forced_exit", signal=signal.Signals(signum).name)
-            app[REGISTRY].kill_all_now()
-            os._exit(1)
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        app[REGISTRY].shutting_down = True
-        stop.set()
+        # Only flags: the order of the shutdown is this function's, below.
+        received.append(signum)
+        (force if stop.is_set() else stop).set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
-    try:
-        await asyncio.wait_for(runner.cleanup(), grace * 0.8)
-    except TimeoutError:
-        log.warning("shutdown_grace_expired", grace_s=grace)
-        app[REGISTRY].kill_all_now()
+    registry = app[REGISTRY]
+    registry.shutting_down = True  # from now on every request is 503
+    log.info("shutdown_requested", signal=signal.Signals(received[0]).name)
+    cleanup = loop.create_task(runner.cleanup())
+    forced = loop.create_task(force.wait())
+    done, _ = await asyncio.wait({cleanup, forced}, timeout=grace * 0.8, return_when=asyncio.FIRST_COMPLETED)
+    if cleanup not in done:
+        if forced in done:
+            log.warning("forced_exit", signal=signal.Signals(received[-1]).name)
+        else:
+            log.warning("shutdown_grace_expired", grace_s=grace)
+        registry.kill_all_now()
+        if forced in done:
+            os._exit(1)
+        cleanup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cleanup
+    forced.cancel()
     log.info("stopped")
     return 0
 

@@ -1,4 +1,4 @@
-"""Process-tree helpers on psutil and /proc: signal a tree, kill a tree, sweep by tag, usage.
+"""The /proc toolkit: signal a tree, kill a tree, sweep by tag, usage (psutil, imported only there).
 
 Nothing here knows about sessions or HTTP; callers pass pids and tags.
 """
@@ -15,8 +15,6 @@ import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-
-import psutil
 
 SESSION_TAG = "EXECD_SESSION_ID"
 _PR_SET_CHILD_SUBREAPER = 36
@@ -190,6 +188,10 @@ def tag_of(pid: int) -> str | None:
     return None
 
 
+def _all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def signal_pids(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -227,7 +229,7 @@ def session_processes(sessions: Mapping[str, int | None]) -> set[int]:
 def escapees(tags: set[str], known: set[int], tree: Tree) -> list[int]:
     """Processes outside `known` that carry one of `tags` and have left their shell's tree: as a
     subreaper we adopt them, so they are among our children; otherwise anywhere on the machine."""
-    candidates = tree.children(os.getpid()) if is_subreaper() else psutil.pids()
+    candidates = tree.children(os.getpid()) if is_subreaper() else _all_pids()
     return [pid for pid in candidates if pid not in known and pid not in owned_children and tag_of(pid) in tags]
 
 
@@ -329,6 +331,8 @@ class Usage:
 
 def usage(shell_pid: int | None, tag: str) -> Usage:
     """Resources summed over a shell's tree plus every escapee that carries its tag."""
+    import psutil  # not at the top: the watchdog uses this module and must start fast
+
     pids = session_processes({tag: shell_pid})
     count, rss, cpu = 0, 0, 0.0
     for pid in pids:

@@ -249,7 +249,7 @@ class Registry:
         # A separate process that kills every session's processes if this daemon dies, and
         # removes the base dir; in a session of its own, so a kill of our process group spares it.
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-m", "execd.watchdog", self.base_dir],
+            [sys.executable, "-m", "execd.watchdog", self.base_dir, str(self.config.timings.kill_wait_s)],
             stdin=subprocess.PIPE,
             start_new_session=True,
             stdout=subprocess.DEVNULL,

@@ -217,7 +217,8 @@ class Shell:
                 try:
                     await asyncio.wait_for(self._exited.wait(), self.config.timings.kill_wait_s)
                 except TimeoutError:
-                    self._reap(block=True)
+                    # A blocking wait, off the event loop: other sessions keep streaming.
+                    self._record_exit(await asyncio.to_thread(_wait_for_exit, self.pid))
         self._release()
 
     def release_killed(self, reason: Aborted | None) -> None:
@@ -251,13 +252,16 @@ class Shell:
             self._reap(block=True)
 
     def _reap(self, block: bool) -> None:
+        """Reap the shell if it has exited (`block`: wait for it, for callers that know it is
+        exiting or have killed it and may not await)."""
         if self.returncode is not None:
             return
-        try:
-            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            pid, status = self.pid, 0  # someone else reaped it; it is gone all the same
-        if pid == 0:
+        status = _wait_for_exit(self.pid) if block else _exit_status(self.pid)
+        if status is not None:
+            self._record_exit(status)
+
+    def _record_exit(self, status: int) -> None:
+        if self.returncode is not None:
             return
         self.returncode = os.waitstatus_to_exitcode(status)
         process.owned_children.discard(self.pid)
@@ -497,6 +501,22 @@ class Shell:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _exit_status(pid: int) -> int | None:
+    """The wait status of an exited child, None while it runs."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return 0  # someone else reaped it; it is gone all the same
+    return status if done else None
+
+
+def _wait_for_exit(pid: int) -> int:
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return 0
 
 
 def _write_all(fd: int, data: bytes) -> None:

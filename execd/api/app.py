@@ -105,7 +105,7 @@ async def _registry_context(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
     await registry.shutdown()
-    registry.stop()
+    await asyncio.to_thread(registry.stop)  # waits for the watchdog's exit
     if on_sigchld:
         loop.remove_signal_handler(signal.SIGCHLD)
     if settings.reap_orphans:
