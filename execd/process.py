@@ -233,6 +233,24 @@ def escapees(tags: set[str], known: set[int], tree: Tree) -> list[int]:
     return [pid for pid in candidates if pid not in known and pid not in owned_children and tag_of(pid) in tags]
 
 
+def processes_started_between(
+    shell: int, tag: str, after: Moment, before: Moment | None, *, same_group_only: bool = False
+) -> list[int]:
+    """The processes a run started (between `after` and `before`), escapees included. Older
+    background jobs are left alone, and so is everything they start: a process belongs to the run
+    when the shell's child (or the adopted escapee) at the top of its branch was started during it.
+    `same_group_only`: only those still in the shell's process group (what Ctrl-C reaches)."""
+    tree = Tree()
+    tops = [pid for pid in tree.children(shell) if started_between(pid, after, before)]
+    tops += [pid for pid in escapees({tag}, {shell}, tree) if started_between(pid, after, before)]
+    pids = []
+    for pid in {member for top in tops for member in (top, *tree.subtree(top))}:
+        if same_group_only and _group_of(pid) != shell:
+            continue
+        pids.append(pid)
+    return pids
+
+
 def kill_sessions(sessions: Mapping[str, int | None], timeout_s: float = 5.0) -> bool:
     """SIGKILL these sessions' process groups, their descendants that left them, and every tagged
     escapee; wait until all have exited and reap those that are our children (shells excepted: their

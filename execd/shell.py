@@ -459,26 +459,9 @@ class Shell:
             self.interrupt(signal.SIGINT, run.run_id, cause="client_gone")
 
     def _run_processes(self, run: Run, same_group_only: bool = False) -> list[int]:
-        """The processes `run` started, escapees included. Older background jobs are left alone,
-        and so is everything they start: a process belongs to the run when the shell's child (or the
-        adopted escapee) at the top of its branch was started during the run."""
-        tree = process.Tree()
-        tops = [pid for pid in tree.children(self.pid) if process.started_between(pid, run.started, run.ended)]
-        tops += [
-            pid
-            for pid in process.escapees({self.config.session_id}, {self.pid}, tree)
-            if process.started_between(pid, run.started, run.ended)
-        ]
-        pids = []
-        for pid in {member for top in tops for member in (top, *tree.subtree(top))}:
-            if same_group_only:
-                try:
-                    if os.getpgid(pid) != self.pid:
-                        continue
-                except ProcessLookupError:
-                    continue
-            pids.append(pid)
-        return pids
+        return process.processes_started_between(
+            self.pid, self.config.session_id, run.started, run.ended, same_group_only=same_group_only
+        )
 
     def _kill_run_processes(self, run: Run) -> None:
         if self.alive:

@@ -197,6 +197,11 @@ async def test_browser_eventsource_resumes_a_cut_stream_with_last_event_id(
             drops: list[dict[str, Any]] = await page.evaluate("window.drops")
             after_last = f"{events_url}&after={events[-1]['id']}"
             probe_state = await page.evaluate("(url) => window.probe(url)", after_last)
+            # Playwright reports responses asynchronously: wait for all four before the browser goes.
+            for _ in range(200):
+                if len(statuses) >= 4:
+                    break
+                await asyncio.sleep(0.025)
         finally:
             await browser.close()
             await proxy.close()
