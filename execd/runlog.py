@@ -20,6 +20,10 @@ from execd.sse import Frame, frame_size, gap_frame
 
 NO_CURSOR = -1  # a reader that wants everything, init included
 UNREAD_LIMIT = 256 * 1024
+# A run may emit events for days: offsets are exact for its newest OFFSETS_EXACT events (and any
+# attached reader's), and kept for every COARSE_STEP-th seq before them (1 MiB per 8M events).
+OFFSETS_EXACT = 1 << 17
+COARSE_STEP = 64
 
 
 class Slice(NamedTuple):
@@ -36,9 +40,6 @@ class Reader:
     def __init__(self, log: RunLog, cursor: int) -> None:
         self.log = log
         self.cursor = cursor
-
-    def take(self) -> Slice:
-        return self.log.after(self.cursor)
 
     def sent(self, last_seq: int) -> None:
         self.log.advance(self, last_seq)
@@ -65,7 +66,9 @@ class RunLog:
         self._frames: collections.deque[Frame] = collections.deque()  # seq first_kept.. in order
         self._first_kept = 1
         self._next_seq = 0
-        self._offsets = array("q", [0])  # wire bytes of every event before seq i (i <= next_seq)
+        self._offsets = array("q", [0])  # wire bytes of every event before seq _base + i
+        self._base = 0
+        self._coarse = array("q")  # the same at seq k * COARSE_STEP, for seqs before _base
         self._size = 0  # bytes of the kept frames between init and the terminal event
         self._paused = False  # the engine stopped reading for want of room
         self._retired = False
@@ -102,6 +105,27 @@ class RunLog:
     def _record(self, frame: Frame) -> None:
         self._next_seq += 1
         self._offsets.append(self._offsets[-1] + frame_size(frame))
+        if len(self._offsets) > 2 * OFFSETS_EXACT:
+            self._compact()
+
+    def _offset(self, seq: int) -> int:
+        """Wire bytes of every event before `seq`; before the exact range, those before the next
+        checkpoint (a gap from so old a cursor undercounts by at most COARSE_STEP - 1 events)."""
+        if seq >= self._base:
+            return self._offsets[seq - self._base]
+        checkpoint = -(-seq // COARSE_STEP)
+        return self._coarse[checkpoint] if checkpoint < len(self._coarse) else self._offsets[0]
+
+    def _compact(self) -> None:
+        keep_from = min(self._next_seq - OFFSETS_EXACT, self._first_kept)
+        if self.readers:
+            keep_from = min(keep_from, min(reader.cursor for reader in self.readers) + 1)
+        if keep_from <= self._base:
+            return
+        first = -(-self._base // COARSE_STEP) * COARSE_STEP
+        self._coarse.extend(self._offsets[seq - self._base] for seq in range(first, keep_from, COARSE_STEP))
+        del self._offsets[: keep_from - self._base]
+        self._base = keep_from
 
     def has_room(self) -> bool:
         """Whether the engine may read more of the run's output now (always, unless the run belongs
@@ -113,7 +137,7 @@ class RunLog:
         return room
 
     def _unread(self) -> int:
-        return self._offsets[-1] - self._offsets[self._protected_from() + 1]
+        return self._offsets[-1] - self._offset(self._protected_from() + 1)
 
     def _protected_from(self) -> int:
         """Events after this seq are kept for readers: the slowest attached one, else the furthest
@@ -129,7 +153,7 @@ class RunLog:
             if keep_after is not None and seq > keep_after:
                 return
             self._frames.popleft()
-            size = self._offsets[seq + 1] - self._offsets[seq]
+            size = self._offset(seq + 1) - self._offset(seq)
             self._size -= size
             self._first_kept += 1
             if seq > self.sent_upto:
@@ -185,7 +209,7 @@ class RunLog:
         terminal_seq = self._next_seq - 1 if self._terminal is not None else None
         next_kept = self._first_kept if self._frames or terminal_seq is None else terminal_seq
         if cursor + 1 < next_kept and cursor < self.last_seq:
-            dropped = self._offsets[next_kept] - self._offsets[cursor + 1]
+            dropped = self._offset(next_kept) - self._offset(cursor + 1)
             frames.append((gap_frame(self.run_id, cursor, next_kept, dropped),))
             cursor = next_kept - 1
         start = cursor + 1 - self._first_kept

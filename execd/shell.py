@@ -93,7 +93,6 @@ class _Current:
         self.reported = False
         self.stdin: StdinStream | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.ladder: asyncio.Task[None] | None = None
 
 
 class Shell:
@@ -112,7 +111,6 @@ class Shell:
         self._fds: dict[str, int] = {}
         self._pipes = OutputPipes(self._loop, config.between_runs_bytes, config.session_id)
         self._status: StatusChannel | None = None
-        self._ready: Status | None = None
         self._exited = asyncio.Event()
         self._current: _Current | None = None
         self._seq = 0
@@ -385,7 +383,7 @@ class Shell:
         outcome = self._outcome(run, status)
         self._current = None
         self._pipes.sink = None
-        run.on_room = None
+        run.on_room = run.on_abandoned = None
         if run.interrupt_signal is not None:
             run.ended = process.now()  # bounds the escalation that may still be pending
         if current.timer is not None:
@@ -433,7 +431,7 @@ class Shell:
             run.timed_out = cause == "timeout"
             # The file says which run the signal is for; the shell ignores it for any other run.
             _write_file(os.path.join(self._dir, "interrupt"), f"{current.seq} {sig.name[3:]}\n".encode())
-            current.ladder = self._spawn_task(
+            self._spawn_task(
                 ladder.climb_for_run(
                     run.done,
                     self.config.timings,
