@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from execd import __version__
+from execd import __version__, process
 from execd.api import create_app
 from execd.api.keys import REGISTRY
 from execd.config import Settings, add_flags, settings_from_args
@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"execd: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_format, settings.log_level)
+    process.keep_buffers_on_the_heap()
     return run_loop(serve(settings), settings.event_loop)
 
 

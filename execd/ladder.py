@@ -22,7 +22,7 @@ class Timings:
 
 
 async def climb_for_run(
-    done: asyncio.Event,
+    run_end: Callable[[], Awaitable[None]],
     timings: Timings,
     kill_run_processes: Callable[[], None],
     give_up: Callable[[], Awaitable[None]],
@@ -32,7 +32,7 @@ async def climb_for_run(
     then give up the shell (a session sweep)."""
     await asyncio.sleep(timings.grace_s)
     kill_run_processes()
-    if await _within(done, timings.kill_wait_s):
+    if await _within(run_end(), timings.kill_wait_s):
         return
     await give_up()
 
@@ -50,9 +50,9 @@ def sweep_sessions_now(sessions: Mapping[str, int | None], timings: Timings) -> 
     return process.kill_sessions(sessions, min(timings.kill_wait_s, 0.5))
 
 
-async def _within(done: asyncio.Event, timeout_s: float) -> bool:
+async def _within(end: Awaitable[None], timeout_s: float) -> bool:
     try:
-        await asyncio.wait_for(done.wait(), timeout_s)
+        await asyncio.wait_for(end, timeout_s)
     except TimeoutError:
         return False
     return True

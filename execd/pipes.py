@@ -28,6 +28,18 @@ class OutputPipes:
     """stdout and stderr of a shell, read at all times: into the sink (the run in progress) or,
     with no sink, into a bounded buffer of what arrived between runs."""
 
+    __slots__ = (
+        "_between",
+        "_between_dropped",
+        "_between_size",
+        "_fds",
+        "_limit",
+        "_loop",
+        "_paused",
+        "_session_id",
+        "sink",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop, between_runs_bytes: int, session_id: str) -> None:
         self._loop = loop
         self._limit = between_runs_bytes
@@ -161,6 +173,8 @@ class StatusChannel:
 
     FIELDS = 5
     MAX_FIELD = 1024 * 1024  # a trap text and a trace fit; a longer field is junk
+
+    __slots__ = ("_fields", "_invalid", "_on_again", "_on_status", "_partial", "_session_id", "fd")
 
     def __init__(
         self,

@@ -44,6 +44,22 @@ def is_subreaper() -> bool:
         return False
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_buffers_on_the_heap(mmap_threshold: int = 1 << 20, trim_threshold: int = 2 << 20) -> bool:
+    """glibc serves an allocation above its mmap threshold (128 KiB until a block that large is
+    freed) with mmap, and its release with munmap: asyncio's 256 KiB socket read buffer then costs
+    three system calls a request, every request. Fixed thresholds keep such buffers on the heap.
+    False where this is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 @functools.cache
 def raise_fd_limit() -> int:
     """Lift the soft limit on open files to the hard one (each session holds 6 fds).

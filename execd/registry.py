@@ -134,6 +134,26 @@ class RegistryConfig:
 class Session:
     """One shell plus what the contract says about it."""
 
+    __slots__ = (
+        "closed",
+        "created_at",
+        "current_run_id",
+        "ended_at",
+        "exit_code",
+        "id",
+        "idle_timeout_s",
+        "labels",
+        "last_active",
+        "last_active_at",
+        "last_run_id",
+        "reason",
+        "run_count",
+        "runs",
+        "shell",
+        "signal",
+        "state",
+    )
+
     def __init__(self, session_id: str, shell: Shell, idle_timeout_s: float, labels: Mapping[str, str]) -> None:
         self.id = session_id
         self.shell = shell

@@ -84,6 +84,29 @@ def error_fields(code: str, message: str) -> dict[str, Any]:
 
 
 class Run:
+    __slots__ = (
+        "_abandon_timer",
+        "_encoder",
+        "_ended",
+        "_started_mono",
+        "ended",
+        "finished_at",
+        "interrupt_signal",
+        "limits",
+        "log",
+        "on_abandoned",
+        "on_room",
+        "outcome",
+        "output_bytes",
+        "request",
+        "run_id",
+        "session_id",
+        "started",
+        "started_at",
+        "state",
+        "timed_out",
+    )
+
     def __init__(self, run_id: str, session_id: str, request: RunRequest, limits: RunLimits) -> None:
         self.run_id = run_id
         self.session_id = session_id
@@ -101,7 +124,7 @@ class Run:
         self.timed_out = False
         self.on_abandoned: Callable[[Run], None] | None = None  # no reader left past the grace
         self.on_room: Callable[[], None] | None = None  # the engine may read the pipes again
-        self.done = asyncio.Event()
+        self._ended: asyncio.Future[None] | None = None  # made for the first who waits for the end
         self._encoder = EventEncoder(run_id, limits.max_output_bytes)
         self.log = RunLog(run_id, limits.log_bytes, keep_unsent=self.belongs_to_readers)
         self.log.on_room = self._room
@@ -158,7 +181,16 @@ class Run:
             self.state = RunState.ABORTED
             terminal = self._encoder.event("error", **error_fields(outcome.code, outcome.message))
         self.log.finish(terminal)
-        self.done.set()
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    async def wait_end(self) -> None:
+        """Until the run's terminal event is in its log."""
+        if not self.running:
+            return
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._ended)
 
     def _room(self) -> None:
         if self.on_room is not None and self.running:

@@ -37,6 +37,8 @@ class Slice(NamedTuple):
 class Reader:
     """A cursor on a log: the seq of the last event sent to its client."""
 
+    __slots__ = ("cursor", "log")
+
     def __init__(self, log: RunLog, cursor: int) -> None:
         self.log = log
         self.cursor = cursor
@@ -49,6 +51,30 @@ class Reader:
 
 
 class RunLog:
+    __slots__ = (
+        "_base",
+        "_coarse",
+        "_first_kept",
+        "_frames",
+        "_init",
+        "_next_seq",
+        "_offsets",
+        "_paused",
+        "_retired",
+        "_size",
+        "_terminal",
+        "_unread_limit",
+        "_waiters",
+        "dropped_bytes",
+        "keep_unsent",
+        "on_readers_changed",
+        "on_room",
+        "readers",
+        "run_id",
+        "sent_upto",
+        "window_bytes",
+    )
+
     def __init__(self, run_id: str, window_bytes: int, keep_unsent: bool) -> None:
         self.run_id = run_id
         self.window_bytes = window_bytes

@@ -85,6 +85,8 @@ def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str
 class _Current:
     """What the shell keeps about the run in progress."""
 
+    __slots__ = ("line", "reported", "run", "sent", "seq", "stdin", "timer")
+
     def __init__(self, run: Run, seq: int) -> None:
         self.run = run
         self.seq = str(seq)
@@ -97,6 +99,28 @@ class _Current:
 
 class Shell:
     """A live `bash --noprofile --norc` in its own session and process group."""
+
+    __slots__ = (
+        "_current",
+        "_dir",
+        "_err_trap",
+        "_exit_waiter",
+        "_fds",
+        "_flags",
+        "_last_exit_code",
+        "_loop",
+        "_pipes",
+        "_seq",
+        "_status",
+        "_tasks",
+        "abort",
+        "config",
+        "cwd",
+        "on_exit",
+        "on_run_end",
+        "pid",
+        "returncode",
+    )
 
     def __init__(self, config: ShellConfig) -> None:
         self.config = config
@@ -111,13 +135,13 @@ class Shell:
         self._fds: dict[str, int] = {}
         self._pipes = OutputPipes(self._loop, config.between_runs_bytes, config.session_id)
         self._status: StatusChannel | None = None
-        self._exited = asyncio.Event()
+        self._exit_waiter: asyncio.Future[None] | None = None  # made for the first who waits
         self._current: _Current | None = None
         self._seq = 0
         self._last_exit_code = 0
         self._flags = ""
         self._err_trap = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None  # the ladders climbing for its runs
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -126,7 +150,7 @@ class Shell:
         started = self._loop.create_future()
         try:
             self._spawn(started)
-            exited = self._loop.create_task(self._exited.wait())
+            exited = self._loop.create_task(self._wait_exit())
             done, _ = await asyncio.wait(
                 {started, exited}, timeout=self.config.start_timeout_s, return_when="FIRST_COMPLETED"
             )
@@ -213,7 +237,7 @@ class Shell:
                     log.warning("session_processes_survived_kill", session_id=self.config.session_id)
             if self.returncode is None:
                 try:
-                    await asyncio.wait_for(self._exited.wait(), self.config.timings.kill_wait_s)
+                    await asyncio.wait_for(self._wait_exit(), self.config.timings.kill_wait_s)
                 except TimeoutError:
                     # A blocking wait, off the event loop: other sessions keep streaming.
                     self._record_exit(await asyncio.to_thread(_wait_for_exit, self.pid))
@@ -228,7 +252,7 @@ class Shell:
         self._release()
 
     def _release(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks or ():
             if task is not asyncio.current_task():
                 task.cancel()
         if self._current is not None:  # never reached while the shell lives; belt and braces
@@ -242,7 +266,18 @@ class Shell:
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = ""
-        self._exited.set()
+        self._set_exited()
+
+    async def _wait_exit(self) -> None:
+        if self.returncode is not None or not self._fds:
+            return
+        if self._exit_waiter is None:
+            self._exit_waiter = self._loop.create_future()
+        await asyncio.shield(self._exit_waiter)
+
+    def _set_exited(self) -> None:
+        if self._exit_waiter is not None and not self._exit_waiter.done():
+            self._exit_waiter.set_result(None)
 
     def wait_exit(self) -> None:
         """Reap a shell known to be exiting (its command channel is closed), blocking briefly."""
@@ -271,7 +306,7 @@ class Shell:
                 self._status.read_available()
             if self._current is not None:
                 self._end_run(None)
-        self._exited.set()
+        self._set_exited()
         if self.on_exit:
             self._loop.call_soon(self.on_exit, self)
 
@@ -433,7 +468,7 @@ class Shell:
             _write_file(os.path.join(self._dir, "interrupt"), f"{current.seq} {sig.name[3:]}\n".encode())
             self._spawn_task(
                 ladder.climb_for_run(
-                    run.done,
+                    run.wait_end,
                     self.config.timings,
                     lambda: self._kill_run_processes(run),
                     lambda: self._give_up_if_stuck(current),
@@ -479,6 +514,8 @@ class Shell:
 
     def _spawn_task(self, work: object) -> asyncio.Task[None]:
         task: asyncio.Task[None] = self._loop.create_task(work)  # type: ignore[arg-type]
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

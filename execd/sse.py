@@ -23,9 +23,13 @@ _JSON_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# Made once: json.dumps with any option builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
     """JSON text that is always valid UTF-8: a lone surrogate (a path's undecodable byte) is U+FFFD."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = _ENCODER.encode(value)
     if text.isascii():
         return text
     return _LONE_SURROGATE.sub("\ufffd", text)
@@ -33,7 +37,7 @@ def dumps(value: Any) -> str:
 
 def json_string(text: str) -> bytes:
     """A JSON string literal of text known to be valid Unicode (decoded output, ids, keys)."""
-    return json.dumps(text, ensure_ascii=False).encode()
+    return _ENCODER.encode(text).encode()
 
 
 def escape_ascii(data: bytes) -> bytes:
@@ -60,6 +64,8 @@ def _escaped(chunk: bytes | str) -> bytes:
 
 class TextChunker:
     """Turns one stream's bytes into text chunks that never split a UTF-8 character."""
+
+    __slots__ = ("_decoder", "_pending")
 
     def __init__(self) -> None:
         self._decoder: codecs.IncrementalDecoder | None = None  # made for the first non-ASCII byte
@@ -98,6 +104,8 @@ def gap_frame(run_id: str, after: int, next_seq: int, dropped_bytes: int) -> byt
 
 class EventEncoder:
     """Encodes one run's events as frames: seq numbering, text chunks, the output limit."""
+
+    __slots__ = ("_budget", "_chunkers", "_head", "next_seq", "output_truncated", "run_id")
 
     def __init__(self, run_id: str, max_output_bytes: int) -> None:
         self.run_id = run_id

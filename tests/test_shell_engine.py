@@ -40,7 +40,7 @@ async def test_a_run_ends_by_itself_with_nobody_reading_it() -> None:
     try:
         run = start(shell, "echo done")
         # Nobody reads the run's log: the engine still ends it when its status arrives.
-        await wait_for(lambda: run.done.is_set(), what="run ended")
+        await wait_for(lambda: not run.running, what="run ended")
         with pytest.raises(NoActiveRun):
             shell.interrupt()
         assert run.outcome == Completed(0, False, False, "/", shell_exited=False)
@@ -57,7 +57,7 @@ async def test_posix_mode_without_an_err_trap_is_not_taken_for_one() -> None:
     try:
         for code, expected in (("set -o posix", False), ("trap 'echo e' ERR", True), ("trap - ERR", False)):
             run = start(shell, code, f"run-{code}")
-            await wait_for(lambda run=run: run.done.is_set(), what="run ended")  # type: ignore[misc]
+            await wait_for(lambda run=run: not run.running, what="run ended")  # type: ignore[misc]
             assert isinstance(run.outcome, Completed)
             assert shell._err_trap is expected, code
     finally:

@@ -129,6 +129,8 @@ class LazyResponse:
     run ends. A run that ends within its first quiet moment (most do) is answered as one plain
     response with a length: no chunked framing, one write."""
 
+    __slots__ = ("_request", "_stream", "_whole")
+
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self._stream: web.StreamResponse | None = None
