@@ -416,3 +416,47 @@ async def test_env_names_of_the_wrapper_are_refused(daemon: Daemon) -> None:
     body = await response.json()
     assert (response.status, body["code"]) == (400, "INVALID_REQUEST"), body
     assert "__execd_dir" in body["message"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "EXECD_SESSION_ID",
+        "EXECD_ANYTHING",
+        "BASH_ENV",
+        "ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "POSIXLY_CORRECT",
+        "__EXECD_DIR",
+    ],
+)
+async def test_env_names_that_control_the_shell_or_its_tag_are_a_400(daemon: Daemon, key: str) -> None:
+    response = await daemon.client.post("/session", json={"env": {key: "x"}})
+    body = await expect_error(response, 400, "INVALID_REQUEST")
+    assert key in body["message"]
+    session = await daemon.create()
+    response = await daemon.client.post(
+        f"/session/{session['session_id']}/run", json={"code": "true", "env": {key: "x"}}
+    )
+    assert key in (await expect_error(response, 400, "INVALID_REQUEST"))["message"]
+
+
+async def test_a_token_header_with_bytes_that_are_not_utf8_is_a_401(make_daemon: DaemonFactory) -> None:
+    daemon = await make_daemon(access_token="s3cret")
+    port = daemon.client.server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /session HTTP/1.1\r\nHost: x\r\nX-EXECD-ACCESS-TOKEN: \xff\xfe\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer
+    assert b'"code":"UNAUTHORIZED"' in body
+
+
+async def test_a_body_whose_content_encoding_does_not_decode_is_a_400(daemon: Daemon) -> None:
+    response = await daemon.client.post(
+        "/session", data=b"not gzip at all", headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    body = await expect_error(response, 400, "INVALID_REQUEST")
+    assert "body" in body["message"]

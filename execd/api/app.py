@@ -59,7 +59,8 @@ def gate_middleware(token: str | None) -> Middleware:
                 given = value.strip() if scheme.lower() == "bearer" else ""
                 if not given and request.match_info.route.name == runs.EVENTS_ROUTE:
                     given = request.query.get("access_token", "")  # EventSource cannot set headers
-            if not hmac.compare_digest(given.encode(), expected):
+            # A header's bytes that are not UTF-8 arrive surrogate-escaped: compared as the bytes they are.
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
                 return error_response(401, "UNAUTHORIZED", "a valid access token is required")
         if request.app[REGISTRY].shutting_down:
             return error_response(503, "SHUTTING_DOWN", "the daemon is shutting down")

@@ -56,6 +56,8 @@ def from_exception(exc: Exception) -> ApiError | None:
     match exc:
         case ApiError():
             return exc
+        case web.RequestPayloadError():
+            return ApiError(400, "INVALID_REQUEST", f"the body could not be read: {exc}")
         case SessionNotFound():
             return ApiError(404, "SESSION_NOT_FOUND", str(exc))
         case ShellBusy():

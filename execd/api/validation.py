@@ -113,10 +113,24 @@ class Fields:
                 raise InvalidRequest(f"{name}[{key!r}] must not contain NUL characters")
             if env_names and not ENV_NAME.match(key):
                 raise InvalidRequest(f"{name}: {key!r} is not a valid variable name")
-            if env_names and key.startswith("__execd_"):
-                raise InvalidRequest(f"{name}: {key!r} is reserved for the daemon's wrapper")
+            if env_names:
+                _check_env_name(name, key)
             _check_unicode(f"{name}[{key!r}]", key + item)
         return dict(value)
+
+
+# What would change how the shell starts or runs the daemon's wrapper, or hide a process from the
+# session sweep: never from a client.
+SHELL_CONTROL_NAMES = frozenset({"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "POSIXLY_CORRECT"})
+
+
+def _check_env_name(name: str, key: str) -> None:
+    if key.lower().startswith("__execd"):
+        raise InvalidRequest(f"{name}: {key!r} is reserved for the daemon's wrapper")
+    if key.startswith("EXECD_"):
+        raise InvalidRequest(f"{name}: {key!r} is reserved: EXECD_* names are the daemon's (and its session tag)")
+    if key in SHELL_CONTROL_NAMES:
+        raise InvalidRequest(f"{name}: {key!r} would change how bash starts or runs; it cannot be set here")
 
 
 def _check_unicode(name: str, value: str) -> None:
