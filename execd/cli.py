@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -33,14 +34,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def serve(settings: Settings) -> int:
     """Serve until a signal; then stop taking work, end runs, close sessions, exit within the grace."""
+    # The port first: a busy one is one line and exit 1, before anything has started.
+    try:
+        sock = socket.create_server((settings.host, settings.port))
+    except OSError as exc:
+        print(f"execd: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     app = create_app(settings)
     # The whole stop must fit in the grace: aiohttp's own wait for open connections gets half of
     # it, and whatever is still running at 80% is killed outright.
     grace = settings.shutdown_grace_s
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace * 0.5, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    await web.SockSite(runner, sock).start()
     log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
 
     loop = asyncio.get_running_loop()

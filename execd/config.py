@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,19 @@ class Settings:
     reap_orphans: bool = True  # be a child subreaper and reap what re-parents to us
     event_loop: str = "asyncio"  # or uvloop (the `fast` extra): see README, Performance
 
+    def __post_init__(self) -> None:
+        """Every value in its range: a bad flag or variable stops the daemon at start, by name."""
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (high is not None and value > high):
+                bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise ValueError(f"{_flag(name)}: must be {bounds}, got {value!r}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{_flag(name)}: must be one of {', '.join(sorted(choices))}, got {getattr(self, name)!r}"
+                )
+
     @staticmethod
     def env_name(name: str) -> str:
         return "EXECD_" + name.upper()
@@ -47,6 +61,34 @@ class Settings:
                 values[f.name] = _parse(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+_RANGES: dict[str, tuple[float, float | None]] = {
+    "port": (0, 65535),
+    "max_sessions": (1, None),
+    "max_body_bytes": (1, None),
+    "max_output_bytes": (0, None),
+    "idle_timeout_s": (0, None),
+    "max_run_timeout_ms": (0, None),
+    "interrupt_grace_ms": (0, None),
+    "kill_wait_ms": (0, None),
+    "sse_ping_s": (0, None),
+    "between_runs_bytes": (0, None),
+    "run_log_bytes": (1, None),
+    "runs_kept": (0, None),
+    "disconnect_grace_ms": (0, None),
+    "max_readers": (1, None),
+    "shutdown_grace_s": (0, None),
+}
+_CHOICES = {
+    "log_format": frozenset({"auto", "json", "console"}),
+    "log_level": frozenset({"debug", "info", "warning", "error", "critical"}),
+    "event_loop": frozenset({"asyncio", "uvloop"}),
+}
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')} ({Settings.env_name(name)})"
 
 
 def _field_type(f: dataclasses.Field[object]) -> type:
