@@ -507,6 +507,9 @@ class Registry:
         await session.shell.close(reason, killed=killed)
         self._tell_watchdog("-" + session.id)
         session.closed.set()
+        # The shell's callbacks hold its session: let go, so both go with reference counting
+        # when the session is forgotten, not at some later cycle collection.
+        session.shell.on_exit = session.shell.on_run_end = None
 
     # ----- reaping ---------------------------------------------------------------------------
 

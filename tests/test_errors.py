@@ -460,3 +460,13 @@ async def test_a_body_whose_content_encoding_does_not_decode_is_a_400(daemon: Da
     )
     body = await expect_error(response, 400, "INVALID_REQUEST")
     assert "body" in body["message"]
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [{f"k{i}": "v" for i in range(65)}, {"k": "v" * 4097}, {"k" * 257: "v"}],
+    ids=["65-labels", "long-value", "long-key"],
+)
+async def test_labels_beyond_their_limits_are_a_400(daemon: Daemon, labels: dict[str, str]) -> None:
+    await expect_error(await daemon.client.post("/session", json={"labels": labels}), 400, "INVALID_REQUEST")
+    assert (await daemon.create(labels={f"k{i}": "v" * 4096 for i in range(64)}))["labels"]["k63"] == "v" * 4096

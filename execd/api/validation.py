@@ -153,6 +153,24 @@ def directory(name: str, path: str | None, base: str) -> str | None:
     return path
 
 
+MAX_LABELS = 64
+MAX_LABEL_KEY = 256
+MAX_LABEL_VALUE = 4096
+
+
+def labels(value: dict[str, str]) -> dict[str, str]:
+    """Labels are for finding sessions, not for storing data: 64 at most, keys of up to 256 and
+    values of up to 4,096 characters."""
+    if len(value) > MAX_LABELS:
+        raise InvalidRequest(f"'labels': {len(value)} labels, more than the {MAX_LABELS} allowed")
+    for key, item in value.items():
+        if len(key) > MAX_LABEL_KEY or len(item) > MAX_LABEL_VALUE:
+            raise InvalidRequest(
+                f"'labels'[{key[:40]!r}]: keys may have {MAX_LABEL_KEY} characters, values {MAX_LABEL_VALUE}"
+            )
+    return value
+
+
 @dataclass(frozen=True)
 class SessionSpec:
     cwd: str | None
@@ -170,7 +188,7 @@ def session_spec(body: Mapping[str, Any]) -> SessionSpec:
         cwd=directory("cwd", cwd, "/"),
         env=fields.string_map("env", env_names=True),
         idle_timeout_s=fields.number("idle_timeout_s"),
-        labels=fields.string_map("labels"),
+        labels=labels(fields.string_map("labels")),
     )
 
 
