@@ -91,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"execd: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_format, settings.log_level)
+    # Read once: what the daemon starts later (the watchdog, the shells) never sees it.
+    os.environ.pop(Settings.env_name("access_token"), None)
+    if getattr(args, "access_token", None):
+        log.warning("access_token_on_command_line", hint="any local user sees it in ps; use --access-token-file")
     process.keep_buffers_on_the_heap()
     return run_loop(serve(settings), settings.event_loop)
 

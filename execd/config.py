@@ -15,6 +15,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 44772
     access_token: str | None = field(default=None, repr=False)
+    access_token_file: str | None = None  # read at start; keeps the token out of `ps` and environ
     max_sessions: int = 256
     max_body_bytes: int = 1024 * 1024
     max_output_bytes: int = 256 * 1024 * 1024
@@ -120,7 +121,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         helptext = f"(env {Settings.env_name(f.name)}, default {f.default!r})"
         if f.name == "access_token":
-            helptext = f"(env {Settings.env_name(f.name)}; none = no authentication)"
+            helptext = f"(env {Settings.env_name(f.name)}; none = no authentication; visible in `ps`: prefer the file)"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:
@@ -129,4 +130,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     names: Sequence[str] = [f.name for f in dataclasses.fields(Settings)]
-    return Settings.from_env(environ, **{n: getattr(args, n, None) for n in names})
+    settings = Settings.from_env(environ, **{n: getattr(args, n, None) for n in names})
+    if settings.access_token_file is None:
+        return settings
+    if settings.access_token is not None:
+        raise ValueError(f"{_flag('access_token')} and {_flag('access_token_file')}: give one, not both")
+    try:
+        with open(settings.access_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{_flag('access_token_file')}: cannot read {settings.access_token_file!r}: {exc}") from None
+    if not token:
+        raise ValueError(f"{_flag('access_token_file')}: {settings.access_token_file!r} is empty")
+    return dataclasses.replace(settings, access_token=token)

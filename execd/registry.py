@@ -274,7 +274,8 @@ class Registry:
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": _package_root()},
+            # Only what Python needs to start: no secret of the daemon's reaches it.
+            env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": _package_root()},
         )
         process.owned_children.add(self._watchdog.pid)
 
