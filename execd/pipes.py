@@ -172,20 +172,22 @@ class StatusChannel:
     Parsed in one pass over what arrives, so junk written into it costs linear time."""
 
     FIELDS = 5
-    MAX_FIELD = 1024 * 1024  # a trap text and a trace fit; a longer field is junk
+    MAX_FIELD = 64 * 1024  # a trap text and a trace fit; a longer field is junk
 
-    __slots__ = ("_fields", "_invalid", "_on_again", "_on_status", "_partial", "_session_id", "fd")
+    __slots__ = ("_fields", "_invalid", "_on_again", "_on_flood", "_on_status", "_partial", "_session_id", "fd")
 
     def __init__(
         self,
         fd: int,
         on_status: Callable[[Status], None],
         on_again: Callable[[str], None],
+        on_flood: Callable[[], None],
         session_id: str,
     ) -> None:
         self.fd = fd
         self._on_status = on_status
         self._on_again = on_again
+        self._on_flood = on_flood
         self._session_id = session_id
         self._partial = bytearray()
         self._fields: list[bytes] = []
@@ -210,8 +212,8 @@ class StatusChannel:
             self._partial.clear()
         self._partial += rest
         if len(self._partial) > self.MAX_FIELD:
-            log.error("status_field_too_long", session_id=self._session_id, size=len(self._partial))
             self._partial.clear()
+            self._on_flood()
         if not complete:
             return
         fields = self._fields + complete if self._fields else complete

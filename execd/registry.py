@@ -223,7 +223,9 @@ class Session:
         else:
             sig = signal.Signals(-code).name if code else "SIGKILL"
             self.signal = sig
-            self.transition(SessionState.FAILED, f"the shell was killed by {sig}")
+            # When the daemon killed it (a stuck shell, a lost wrapper, a flooded channel), say why.
+            why = self.shell.abort.message if self.shell.abort is not None else f"the shell was killed by {sig}"
+            self.transition(SessionState.FAILED, why)
 
     def run(self, run_id: str) -> Run:
         run = self.runs.get(run_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -87,9 +88,11 @@ class _Current:
 
     __slots__ = ("line", "reported", "run", "sent", "seq", "stdin", "timer")
 
-    def __init__(self, run: Run, seq: int) -> None:
+    def __init__(self, run: Run) -> None:
         self.run = run
-        self.seq = str(seq)
+        # The run's name on the status channel: unguessable, so a background job of an earlier
+        # run cannot end a later one with a forged record (the run's own code can end its own).
+        self.seq = secrets.token_hex(4)
         self.line = b""  # what was written to the command pipe to start the run
         self.sent = 1
         self.reported = False
@@ -107,10 +110,10 @@ class Shell:
         "_exit_waiter",
         "_fds",
         "_flags",
+        "_foreign_records",
         "_last_exit_code",
         "_loop",
         "_pipes",
-        "_seq",
         "_status",
         "_tasks",
         "abort",
@@ -137,7 +140,7 @@ class Shell:
         self._status: StatusChannel | None = None
         self._exit_waiter: asyncio.Future[None] | None = None  # made for the first who waits
         self._current: _Current | None = None
-        self._seq = 0
+        self._foreign_records = 0
         self._last_exit_code = 0
         self._flags = ""
         self._err_trap = False
@@ -204,7 +207,9 @@ class Shell:
             else:
                 self._on_status(status)
 
-        self._status = StatusChannel(self._fds["status"], on_status, self._send_again, self.config.session_id)
+        self._status = StatusChannel(
+            self._fds["status"], on_status, self._send_again, self._status_flooded, self.config.session_id
+        )
         self._loop.add_reader(self._fds["status"], self._status.read_available)
         self._pipes.watch()
 
@@ -315,9 +320,19 @@ class Shell:
     def _on_status(self, status: Status) -> None:
         current = self._current
         if current is None or status.seq != current.seq:
-            return  # a late record of a run already ended (say, by the shell's death)
+            # A late record of a run already ended (say, by the shell's death), or a forged one.
+            if self._foreign_records == 0:
+                log.warning("status_record_ignored", session_id=self.config.session_id, seq=status.seq[:16])
+            self._foreign_records += 1
+            return
         current.reported = True
         self._end_run(status)
+
+    def _status_flooded(self) -> None:
+        """Something in the session wrote junk into the status channel: the shell's reports can no
+        longer be told from it."""
+        log.error("status_channel_flooded", session_id=self.config.session_id)
+        self._give_up("the shell's status channel was flooded with junk by the session's code")
 
     def _send_again(self, seq: str) -> None:
         """The user's code removed the wrapper's aliases or switched alias expansion off; the shell
@@ -344,8 +359,7 @@ class Shell:
             raise ShellBusy(self._current.run.run_id)
         if not self.alive or not self._fds:
             raise ShellGone("the shell has ended")
-        self._seq += 1
-        current = _Current(run, self._seq)
+        current = _Current(run)
         request = run.request
         self._write_code(request.code)
         if request.stdin_stream:
