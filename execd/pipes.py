@@ -147,6 +147,8 @@ class OutputPipes:
     def close(self) -> None:
         for fd in list(self._fds):
             self._forget(fd)
+        self._between.clear()
+        self.sink = None
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ class Run:
         self.log.on_room = self._room
         self.log.on_readers_changed = self._readers_changed
         self._abandon_timer: asyncio.Handle | None = None
-        self.log.append(self._encoder.event("init", session_id=session_id, text=run_id))
+        self.log.append(self._encoder.init(session_id))
 
     @property
     def belongs_to_readers(self) -> bool:
@@ -165,17 +165,18 @@ class Run:
         self.outcome = outcome
         self.finished_at = time.time()
         self._cancel_abandon()
+        # The log's callbacks are this run's methods: a finished run needs neither, and without
+        # them run and log are no cycle (a forgotten run goes with its last reference).
+        self.log.on_room = self.log.on_readers_changed = None
         if isinstance(outcome, Completed):
             self.state = RunState.COMPLETED
-            terminal = self._encoder.event(
-                "execution_complete",
-                exit_code=outcome.exit_code,
-                execution_time=int((time.monotonic() - self._started_mono) * 1000),
-                interrupted=outcome.interrupted,
-                timed_out=outcome.timed_out,
-                output_truncated=self._encoder.output_truncated,
-                cwd=outcome.cwd,
-                shell_exited=outcome.shell_exited,
+            terminal = self._encoder.complete(
+                outcome.exit_code,
+                int((time.monotonic() - self._started_mono) * 1000),
+                outcome.interrupted,
+                outcome.timed_out,
+                outcome.cwd,
+                outcome.shell_exited,
             )
         else:
             self.state = RunState.ABORTED

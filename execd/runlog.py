@@ -23,6 +23,7 @@ UNREAD_LIMIT = 256 * 1024
 # A run may emit events for days: offsets are exact for its newest OFFSETS_EXACT events (and any
 # attached reader's), and kept for every COARSE_STEP-th seq before them (1 MiB per 8M events).
 OFFSETS_EXACT = 1 << 17
+RETIRED_EXACT = 1024  # an older run's log: exact for its last 1,024 events only
 COARSE_STEP = 64
 
 
@@ -139,11 +140,13 @@ class RunLog:
         checkpoint (a gap from so old a cursor undercounts by at most COARSE_STEP - 1 events)."""
         if seq >= self._base:
             return self._offsets[seq - self._base]
+        if seq <= 1:  # before and after init: a full replay's gap is always exact
+            return frame_size(self._init) if seq == 1 and self._init is not None else 0
         checkpoint = -(-seq // COARSE_STEP)
         return self._coarse[checkpoint] if checkpoint < len(self._coarse) else self._offsets[0]
 
-    def _compact(self) -> None:
-        keep_from = min(self._next_seq - OFFSETS_EXACT, self._first_kept)
+    def _compact(self, exact: int = OFFSETS_EXACT) -> None:
+        keep_from = min(self._next_seq - exact, self._first_kept)
         if self.readers:
             keep_from = min(keep_from, min(reader.cursor for reader in self.readers) + 1)
         if keep_from <= self._base:
@@ -192,6 +195,8 @@ class RunLog:
         self.keep_unsent = True
         self._retired = True
         self._trim()
+        if len(self._offsets) > RETIRED_EXACT:
+            self._compact(RETIRED_EXACT)
 
     # ----- the readers' side -----------------------------------------------------------------
 

@@ -268,6 +268,7 @@ class Shell:
             os.close(fd)
         self._fds.clear()
         self._pipes.close()
+        self._status = None  # its callbacks are this shell's: no cycle left behind
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = ""
@@ -364,13 +365,15 @@ class Shell:
         self._write_code(request.code)
         if request.stdin_stream:
             current.stdin = StdinStream(self._loop, os.path.join(self._dir, f"stdin-{current.seq}"), self.pid)
-        current.line = self._command_line(current).encode()
         try:
+            current.line = self._command_line(current).encode()
             _write_all(self._fds["stdin"], current.line)
-        except BrokenPipeError as exc:
+        except BaseException as exc:
             if current.stdin is not None:
                 current.stdin.release()
-            raise ShellGone("the shell has ended") from exc
+            if isinstance(exc, BrokenPipeError):
+                raise ShellGone("the shell has ended") from exc
+            raise
         self._current = current
         for stream, data, dropped in self._pipes.take_between_runs():
             run.add_between_runs(stream, data, dropped)

@@ -86,6 +86,7 @@ class TextChunker:
         return text
 
 
+_BOOL = {True: b"true", False: b"false"}
 Frame = tuple[bytes, ...]  # one event's bytes, in parts: a big output chunk is copied only when sent
 
 
@@ -105,12 +106,13 @@ def gap_frame(run_id: str, after: int, next_seq: int, dropped_bytes: int) -> byt
 class EventEncoder:
     """Encodes one run's events as frames: seq numbering, text chunks, the output limit."""
 
-    __slots__ = ("_budget", "_chunkers", "_head", "next_seq", "output_truncated", "run_id")
+    __slots__ = ("_budget", "_chunkers", "_head", "_run_id", "next_seq", "output_truncated", "run_id")
 
     def __init__(self, run_id: str, max_output_bytes: int) -> None:
         self.run_id = run_id
         self.next_seq = 0
-        self._head = b',"run_id":%s' % json_string(run_id)
+        self._run_id = json_string(run_id)[1:-1]
+        self._head = b',"run_id":"%s"' % self._run_id
         self._budget = max_output_bytes
         self.output_truncated = False
         self._chunkers: dict[str, TextChunker] = {}  # made for a stream's first output
@@ -139,6 +141,34 @@ class EventEncoder:
 
     def event(self, event: str, **fields: Any) -> Frame:
         return (self._event_start(event) + _fields_json(fields) + b"}\n\n",)
+
+    # The two events every run has, formatted directly: the same bytes as `event`, without a
+    # JSON encoder's pass over a dict on every run.
+
+    def init(self, session_id: str) -> Frame:
+        """`init`: ids are hex or ^[A-Za-z0-9._-]+$, nothing in them needs escaping."""
+        return (
+            self._event_start("init") + b',"session_id":"%s","text":"%s"}\n\n' % (session_id.encode(), self._run_id),
+        )
+
+    def complete(
+        self, exit_code: int, execution_time: int, interrupted: bool, timed_out: bool, cwd: str, shell_exited: bool
+    ) -> Frame:
+        """`execution_complete`, with what the encoder knows (output_truncated) filled in."""
+        return (
+            self._event_start("execution_complete")
+            + b',"exit_code":%d,"execution_time":%d,"interrupted":%s,"timed_out":%s,"output_truncated":%s,'
+            b'"cwd":%s,"shell_exited":%s}\n\n'
+            % (
+                exit_code,
+                execution_time,
+                _BOOL[interrupted],
+                _BOOL[timed_out],
+                _BOOL[self.output_truncated],
+                dumps(cwd).encode(),
+                _BOOL[shell_exited],
+            ),
+        )
 
     def output(
         self, stream: str, data: bytes, *, final: bool = False, between_runs: bool = False, **fields: Any

@@ -44,3 +44,23 @@ def test_a_log_of_many_small_events_stays_small_and_its_recent_gaps_are_exact() 
     old = gap_of(log, 1000)
     exact = sum(size[1001 : old["next_seq"]])
     assert exact - (COARSE_STEP - 1) * max(size) <= old["dropped_bytes"] <= exact
+
+
+def test_a_retired_log_keeps_few_offsets_and_replays_init_gap_terminal() -> None:
+    log = RunLog("run", 4096, keep_unsent=False)
+    for i in range(50_000):
+        log.append(FRAMES[i % 5])
+    log.finish((b"terminal\n\n",))
+    size = [len(FRAMES[seq % 5][0]) for seq in range(50_000)]
+    tracemalloc.start()
+    log.retire()
+    snapshot = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    assert sum(s.size for s in snapshot.statistics("filename")) < 64 * 1024
+    replay = log.after(-1).frames
+    assert len(replay) == 3 and replay[-1] == (b"terminal\n\n",)
+    gap = json.loads(replay[1][0].split(b"data: ", 1)[1])
+    assert gap["after"] == 0 and gap["next_seq"] == 50_000
+    assert gap["dropped_bytes"] == sum(size[1:])  # from seq 1, a checkpoint: exact
+    recent = gap_of(log, 49_990)
+    assert recent["dropped_bytes"] == sum(size[49_991:])

@@ -522,3 +522,30 @@ async def read_in_cuts(daemon: Daemon, sid: str, rid: str, cuts: list[int]) -> t
             cursor = parse_sse(frames[-1])[0].id
         if limit is None:
             return pieces, cursor if cursor is not None else -1
+
+
+async def test_a_resume_at_the_end_of_a_quiet_running_run_gets_its_headers_at_once(daemon: Daemon) -> None:
+    sid = await session_id(daemon)
+    rid = (await background(daemon, sid, "echo a; sleep 3; echo b"))["run_id"]
+    await wait_for(lambda: _last_seq_at_least(daemon, sid, rid, 1), what="first output")
+    response = await asyncio.wait_for(
+        daemon.client.get(f"/session/{sid}/runs/{rid}/events", headers={"Last-Event-ID": "1"}), 1.5
+    )
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    result = await read_run(response)
+    assert result.stdout == "b\n" and result.complete["exit_code"] == 0
+
+
+async def _last_seq_at_least(daemon: Daemon, sid: str, rid: str, seq: int) -> bool:
+    return bool((await run_object(daemon, sid, rid))["last_seq"] >= seq)
+
+
+async def test_the_disconnect_grace_holds_when_runs_have_no_time_limit(make_daemon: DaemonFactory) -> None:
+    daemon = await make_daemon(max_run_timeout_ms=0)
+    sid = await session_id(daemon)
+    live = await start_run(daemon, sid, "echo a; sleep 1; echo b", disconnect_grace_ms=5000)
+    rid = (await live.next_event()).data["run_id"]
+    await live.next_event()
+    live.response.close()
+    done = await finished(daemon, sid, rid, timeout=10)
+    assert done["interrupted"] is False and done["exit_code"] == 0

@@ -42,7 +42,8 @@ async def start_run(request: web.Request) -> web.StreamResponse:
         stdin_stream=spec.stdin_stream,
         background=spec.background,
         on_disconnect=spec.on_disconnect,
-        disconnect_grace_s=min(grace_ms, settings.max_run_timeout_ms) / 1000,
+        disconnect_grace_s=(min(grace_ms, settings.max_run_timeout_ms) if settings.max_run_timeout_ms else grace_ms)
+        / 1000,
     )
     run, started = registry.start_run(session, run_request, spec.run_id, spec.timeout_ms)
     if spec.background:
@@ -103,6 +104,8 @@ async def _pump(reader: Reader, response: LazyResponse, ping_s: float) -> None:
             await response.write_eof(b"".join(pending))
             reader.sent(taken)
             return
+        if catching_up and not pending:
+            await response.start()  # a resume with nothing to send yet: its headers, at once
         now = time.monotonic()
         if pending and (size >= FLUSH_BYTES or now - oldest >= FLUSH_DELAY_S or (catching_up and taken > 0)):
             await response.write(b"".join(pending))
@@ -136,11 +139,14 @@ class LazyResponse:
         self._stream: web.StreamResponse | None = None
         self._whole: web.Response | None = None
 
-    async def write(self, data: bytes) -> None:
+    async def start(self) -> web.StreamResponse:
         if self._stream is None:
             self._stream = web.StreamResponse(headers=SSE_HEADERS)
             await self._stream.prepare(self._request)
-        await self._stream.write(data)
+        return self._stream
+
+    async def write(self, data: bytes) -> None:
+        await (await self.start()).write(data)
 
     async def write_eof(self, data: bytes = b"") -> None:
         if self._stream is None:
