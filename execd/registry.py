@@ -91,6 +91,14 @@ class InvalidTransition(RegistryError):
     pass
 
 
+class SessionStartFailed(RegistryError):
+    """The session's shell could not start; the session is forgotten (its id was never given out)."""
+
+    def __init__(self, cause: ShellStartFailed) -> None:
+        super().__init__(str(cause))
+        self.errno = cause.errno
+
+
 class RunNotFound(RegistryError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"no run with id {run_id!r} in this session (unknown or forgotten)")
@@ -151,6 +159,7 @@ class Session:
         "runs",
         "shell",
         "signal",
+        "start_error",
         "state",
     )
 
@@ -167,6 +176,7 @@ class Session:
         self.current_run_id: str | None = None
         self.last_run_id: str | None = None
         self.runs: dict[str, Run] = {}  # the run in progress and the last finished ones, oldest first
+        self.start_error: ShellStartFailed | None = None
         self.reason: str | None = None
         self.exit_code: int | None = None
         self.signal: str | None = None
@@ -344,10 +354,23 @@ class Registry:
         await asyncio.shield(self.spawn(self._start(session)))
         return session
 
+    async def open(
+        self, cwd: str | None, env: Mapping[str, str], idle_timeout_s: float | None, labels: Mapping[str, str]
+    ) -> Session:
+        """Create a session for a client: one whose shell could not start is not kept (the client
+        never learns its id) and is a SessionStartFailed."""
+        session = await self.create(cwd, env, idle_timeout_s, labels)
+        if session.start_error is not None:
+            self.sessions.pop(session.id, None)
+            self._tell_watchdog("-" + session.id)
+            raise SessionStartFailed(session.start_error)
+        return session
+
     async def _start(self, session: Session) -> None:
         try:
             await session.shell.start()
         except ShellStartFailed as exc:
+            session.start_error = exc
             if session.state.live:
                 session.transition(SessionState.FAILED, str(exc))
             session.closed.set()

@@ -59,7 +59,9 @@ class ShellGone(ShellError):
 
 
 class ShellStartFailed(ShellError):
-    pass
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # of the system call that failed, if one did
 
 
 @dataclass
@@ -162,7 +164,8 @@ class Shell:
                 raise ShellGone("the shell exited" if exited in done else "it did not report in time")
         except (OSError, ShellGone) as exc:
             await self.close(Aborted("SESSION_DIED", "the shell could not start"))
-            raise ShellStartFailed(f"the shell could not start: {exc}") from exc
+            errno = exc.errno if isinstance(exc, OSError) else None
+            raise ShellStartFailed(f"the shell could not start: {exc}", errno) from exc
         status = started.result()
         self.cwd, self._flags, self._err_trap = status.cwd, status.flags, status.err_trap
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -470,3 +472,19 @@ async def test_a_body_whose_content_encoding_does_not_decode_is_a_400(daemon: Da
 async def test_labels_beyond_their_limits_are_a_400(daemon: Daemon, labels: dict[str, str]) -> None:
     await expect_error(await daemon.client.post("/session", json={"labels": labels}), 400, "INVALID_REQUEST")
     assert (await daemon.create(labels={f"k{i}": "v" * 4096 for i in range(64)}))["labels"]["k63"] == "v" * 4096
+
+
+async def test_a_session_that_runs_out_of_file_descriptors_is_a_503_resource_exhausted(daemon: Daemon) -> None:
+    assert (await daemon.client.get("/healthz")).status == 200  # the connection the POST will reuse
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the daemon's first two files of a session, not for the pipes that come next.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+    try:
+        response = await daemon.client.post("/session")
+        body = await expect_error(response, 503, "RESOURCE_EXHAUSTED")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "file descriptors" in body["message"]
+    listed = await (await daemon.client.get("/session")).json()
+    assert listed["sessions"] == []  # the failed session was not kept
+    assert (await daemon.create())["state"] == "idle"

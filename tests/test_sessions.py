@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 import execd
+from execd.api.errors import from_exception
 from execd.api.keys import REGISTRY
+from execd.registry import SessionStartFailed
 from tests.conftest import Daemon, DaemonFactory, read_run
 from tests.helpers_core import SESSION_FIELDS, expect_error, get_session
 
@@ -183,3 +185,20 @@ async def test_a_shell_that_cannot_start_makes_a_failed_session(daemon: Daemon, 
     assert session.state == "failed", (session.state, session.reason)
     assert session.reason and "could not start" in session.reason
     await daemon.delete(session.id)
+
+
+async def test_a_shell_that_cannot_start_is_a_503_session_start_failed_and_is_not_kept(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    registry = daemon.app[REGISTRY]
+    # As above, through the route's own entry point and the one map from errors to the contract.
+    attempt = asyncio.ensure_future(registry.open(str(gone), {}, None, {}))
+    gone.rmdir()
+    with pytest.raises(SessionStartFailed) as failed:
+        await attempt
+    answer = from_exception(failed.value)
+    assert answer is not None and (answer.status, answer.code) == (503, "SESSION_START_FAILED")
+    assert "could not start" in answer.message
+    assert registry.sessions == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from execd.registry import (
     RunNotFound,
     SessionEnded,
     SessionNotFound,
+    SessionStartFailed,
     ShellBusy,
     ShuttingDown,
     StdinClosed,
@@ -40,6 +42,17 @@ class InvalidRequest(ApiError):
 class PayloadTooLarge(ApiError):
     def __init__(self, message: str) -> None:
         super().__init__(413, "PAYLOAD_TOO_LARGE", message)
+
+
+# What a system call that fails for want of a resource is out of (503 RESOURCE_EXHAUSTED).
+RESOURCES = {
+    errno.ENOSPC: "disk space",
+    errno.EDQUOT: "disk quota",
+    errno.EMFILE: "file descriptors (the daemon's limit)",
+    errno.ENFILE: "file descriptors (the system's limit)",
+    errno.EAGAIN: "processes or threads",
+    errno.ENOMEM: "memory",
+}
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -70,6 +83,12 @@ def from_exception(exc: Exception) -> ApiError | None:
             return ApiError(429, "TOO_MANY_SESSIONS", str(exc))
         case ShuttingDown():
             return ApiError(503, "SHUTTING_DOWN", str(exc))
+        case SessionStartFailed():
+            if exc.errno in RESOURCES:
+                return ApiError(503, "RESOURCE_EXHAUSTED", f"out of {RESOURCES[exc.errno]}: {exc}")
+            return ApiError(503, "SESSION_START_FAILED", str(exc))
+        case OSError() if exc.errno in RESOURCES:
+            return ApiError(503, "RESOURCE_EXHAUSTED", f"out of {RESOURCES[exc.errno]}: {exc.strerror}")
         case RunNotFound():
             return ApiError(404, "RUN_NOT_FOUND", str(exc))
         case RunIdConflict():
