@@ -271,6 +271,8 @@ class Registry:
         self.shutting_down = False
         self._cleanups: set[asyncio.Task[Any]] = set()
         self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_pidfd: int | None = None
+        self.watchdog_state = "ok"  # or "restarting", while a dead watchdog is being replaced
         self.base_dir: str | None = None  # holds every session's private dir
 
     # ----- lifecycle of the registry ---------------------------------------------------------
@@ -278,9 +280,14 @@ class Registry:
     def start(self) -> None:
         """Make the sessions' base dir and start the watchdog."""
         self.base_dir = tempfile.mkdtemp(prefix=f"execd-{os.getpid()}-")
-        # A separate process that kills every session's processes if this daemon dies, and
-        # removes the base dir; in a session of its own, so a kill of our process group spares it.
-        self._watchdog = subprocess.Popen(
+        self._watchdog = self._spawn_watchdog()
+        self._watch_watchdog()
+
+    def _spawn_watchdog(self) -> subprocess.Popen[bytes]:
+        """A separate process that kills every session's processes if this daemon dies, and
+        removes the base dir; in a session of its own, so a kill of our process group spares it."""
+        assert self.base_dir is not None
+        watchdog = subprocess.Popen(
             [sys.executable, "-m", "execd.watchdog", self.base_dir, str(self.config.timings.kill_wait_s)],
             stdin=subprocess.PIPE,
             start_new_session=True,
@@ -289,10 +296,48 @@ class Registry:
             # Only what Python needs to start: no secret of the daemon's reaches it.
             env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": _package_root()},
         )
-        process.owned_children.add(self._watchdog.pid)
+        process.owned_children.add(watchdog.pid)
+        return watchdog
 
-    def stop(self) -> None:
+    def _watch_watchdog(self) -> None:
+        """Its exit is noticed at once (a pidfd), so a killed watchdog is replaced."""
+        assert self._watchdog is not None
+        self._watchdog_pidfd = os.pidfd_open(self._watchdog.pid)
+        asyncio.get_running_loop().add_reader(self._watchdog_pidfd, self._watchdog_exited)
+
+    def _unwatch_watchdog(self) -> None:
+        if self._watchdog_pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._watchdog_pidfd)
+            os.close(self._watchdog_pidfd)
+            self._watchdog_pidfd = None
+
+    def _watchdog_exited(self) -> None:
+        self._unwatch_watchdog()
+        dead = self._watchdog
+        if dead is None:
+            return
+        code = dead.poll()
+        process.owned_children.discard(dead.pid)
+        log.error("watchdog_died", pid=dead.pid, returncode=code)
+        self.watchdog_state = "restarting"
+        self.spawn(self._restart_watchdog())
+
+    async def _restart_watchdog(self) -> None:
+        # Off the event loop: starting a Python process takes a while.
+        self._watchdog = await asyncio.to_thread(self._spawn_watchdog)
+        self._watch_watchdog()
+        for session in self.sessions.values():
+            if not session.closed.is_set():
+                self._tell_watchdog("+" + session.id)
+        self.watchdog_state = "ok"
+        log.info("watchdog_restarted", pid=self._watchdog.pid)
+
+    async def stop(self) -> None:
         """After shutdown: stop the watchdog (it finds nothing left to kill) and the base dir."""
+        self._unwatch_watchdog()
+        await asyncio.to_thread(self._stop_watchdog_and_dir)
+
+    def _stop_watchdog_and_dir(self) -> None:
         self.stop_watchdog()
         if self.base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)

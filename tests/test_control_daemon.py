@@ -205,3 +205,29 @@ async def test_json_logs_say_each_run_once_with_its_ids_and_never_its_code(daemo
     assert (finished["session_id"], finished["run_id"], finished["exit_code"]) == (sid, run_id, 3)
     assert finished["level"] == "info" and "timestamp" in finished
     assert "secret-code-marker" not in log_text()
+
+
+async def test_a_killed_watchdog_is_replaced_and_the_replacement_sweeps(daemon_process: object) -> None:
+    daemon, _streams = await prepared_daemon(daemon_process)
+    assert daemon.http is not None and daemon.watchdog is not None
+    first = daemon.watchdog.pid
+    os.kill(first, signal.SIGKILL)
+
+    async def replaced() -> psutil.Process | None:
+        async with daemon.http.get("/healthz") as response:  # type: ignore[union-attr]
+            health = await response.json()
+        children = psutil.Process(daemon.proc.pid).children()
+        fresh = [c for c in children if c.pid != first and "execd.watchdog" in " ".join(c.cmdline())]
+        return fresh[0] if health["watchdog"] == "ok" and fresh else None
+
+    second = await poll(replaced, 10, "a new watchdog, and healthz saying ok")
+    assert "watchdog_died" in daemon.log_text()
+    daemon.watchdog = second
+    before = session_ids_alive(daemon.session_ids)
+    daemon.signal(signal.SIGKILL)
+    assert await daemon.wait_exit(5) == -signal.SIGKILL
+    await poll(
+        lambda: not session_ids_alive(daemon.session_ids),
+        KILL_SWEEP_S + SCHEDULING_SLACK_S,
+        f"every one of {len(before)} session processes gone, swept by the replacement watchdog",
+    )

@@ -76,6 +76,7 @@ async def healthz(request: web.Request) -> web.Response:
             "version": __version__,
             "sessions": request.app[REGISTRY].live_count(),
             "uptime_s": round(time.monotonic() - request.app[STARTED_AT], 3),
+            "watchdog": request.app[REGISTRY].watchdog_state,
         }
     )
 
@@ -106,7 +107,7 @@ async def _registry_context(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
     await registry.shutdown()
-    await asyncio.to_thread(registry.stop)  # waits for the watchdog's exit
+    await registry.stop()
     if on_sigchld:
         loop.remove_signal_handler(signal.SIGCHLD)
     if settings.reap_orphans:
