@@ -129,8 +129,8 @@ async def test_healthz_reports_status_version_live_sessions_and_uptime(daemon: D
     response = await daemon.client.get("/healthz")
     assert response.status == 200
     body = await response.json()
-    assert set(body) == {"status", "version", "sessions", "uptime_s"}
-    assert body["status"] == "ok"
+    assert set(body) == {"status", "version", "sessions", "uptime_s", "watchdog"}  # watchdog: v2
+    assert body["status"] == "ok" and body["watchdog"] == "ok"
     assert body["version"] == execd.__version__
     assert body["sessions"] == 0
     assert isinstance(body["uptime_s"], (int, float)) and body["uptime_s"] >= 0
