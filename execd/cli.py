@@ -18,7 +18,7 @@ from execd import __version__, process
 from execd.api import create_app
 from execd.api.keys import REGISTRY
 from execd.config import Settings, add_flags, settings_from_args
-from execd.logging import configure, get_logger
+from execd.logging import LoopErrors, configure, get_logger
 
 log = get_logger("execd.cli")
 
@@ -50,6 +50,7 @@ async def serve(settings: Settings) -> int:
     log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
 
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrors())
     stop, force = asyncio.Event(), asyncio.Event()
     received: list[int] = []
 

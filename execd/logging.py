@@ -1,11 +1,21 @@
-"""structlog set-up: one event per line, console in a terminal, JSON with EXECD_LOG_FORMAT=json."""
+"""structlog set-up: one event per line, console in a terminal, JSON with EXECD_LOG_FORMAT=json.
+
+Logs of the standard library's loggers (asyncio, aiohttp) and of the event loop's exception
+handler go through the same renderer, so a JSON log stays JSON; a storm of identical loop errors
+(a full fd table makes every accept fail) is logged once a second with a count.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
+from typing import Any
 
 import structlog
+
+_REPEAT_S = 1.0
 
 
 def configure(log_format: str = "auto", level: str = "info") -> None:
@@ -13,11 +23,12 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -25,7 +36,39 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),  # print() costs ~6 us more a line
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[structlog.stdlib.add_log_level, stamp, structlog.processors.format_exc_info],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.getLevelName(level.upper()), logging.WARNING))
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)  # type: ignore[no-any-return]
+
+
+class LoopErrors:
+    """The event loop's exception handler: one log line per kind of error per second, with how
+    many were folded into it."""
+
+    def __init__(self) -> None:
+        self._log = get_logger("execd.loop")
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", "event loop error"))
+        exc = context.get("exception")
+        kind = f"{message}:{type(exc).__name__}:{getattr(exc, 'errno', '')}"
+        now = time.monotonic()
+        if now - self._last.get(kind, -_REPEAT_S) < _REPEAT_S:
+            self._folded[kind] = self._folded.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        folded = self._folded.pop(kind, 0)
+        self._log.error("event_loop_error", message=message, repeated_since_last=folded, exc_info=exc)
