@@ -454,7 +454,7 @@ class Registry:
             session.shell.start_run(run)
         except ShellGone:
             # The shell died an instant ago and its exit is not processed yet: it has ended.
-            session.shell.wait_exit()
+            session.shell.reap_exiting()
             session.record_shell_end()
             self.clean_up_later(session)
             raise SessionEnded(session) from None

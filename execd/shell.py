@@ -288,7 +288,7 @@ class Shell:
         if self._exit_waiter is not None and not self._exit_waiter.done():
             self._exit_waiter.set_result(None)
 
-    def wait_exit(self) -> None:
+    def reap_exiting(self) -> None:
         """Reap a shell known to be exiting (its command channel is closed), blocking briefly."""
         if self.returncode is None and self.pid:
             self._reap(block=True)
