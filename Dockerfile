@@ -14,6 +14,6 @@ ENV EXECD_HOST=0.0.0.0 EXECD_PORT=44772 EXECD_LOG_FORMAT=json
 EXPOSE 44772
 WORKDIR /workspace
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:44772/healthz', timeout=2).status == 200 else 1)"
+    CMD python -c "import os,sys,urllib.request; port=os.environ.get('EXECD_PORT') or '44772'; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"
 # execd reaps orphans itself (it is a child subreaper, and fine as PID 1).
 ENTRYPOINT ["execd", "serve"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.helpers_control import free_port
 
@@ -47,3 +51,21 @@ def test_scripts_serve_starts_the_daemon_with_flags() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+async def test_the_image_healthcheck_asks_the_port_in_execd_port(make_daemon: Any) -> None:
+    # The HEALTHCHECK line of the Dockerfile, run as Docker would, against a daemon on another port.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    command = dockerfile.split("HEALTHCHECK", 1)[1].split('CMD python -c "', 1)[1].split('"\n', 1)[0]
+    daemon = await make_daemon()
+    port = daemon.client.server.port
+
+    async def healthcheck(env_port: str) -> int:
+        env = {**os.environ, "EXECD_PORT": env_port}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", command, env=env, stderr=asyncio.subprocess.DEVNULL
+        )
+        return await asyncio.wait_for(proc.wait(), 20)
+
+    assert await healthcheck(str(port)) == 0
+    assert await healthcheck(str(free_port())) != 0
