@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -11,7 +10,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from tests.helpers_control import free_port
 
@@ -53,19 +51,34 @@ def test_scripts_serve_starts_the_daemon_with_flags() -> None:
         assert proc.wait(timeout=15) == 0
 
 
-async def test_the_image_healthcheck_asks_the_port_in_execd_port(make_daemon: Any) -> None:
-    # The HEALTHCHECK line of the Dockerfile, run as Docker would, against a daemon on another port.
+def test_the_image_healthcheck_asks_the_port_in_execd_port() -> None:
+    # The HEALTHCHECK line of the Dockerfile, run as Docker would, against a daemon on another port
+    # (a subprocess: an in-process daemon, a subreaper, would reap the check's exit status).
     dockerfile = (REPO / "Dockerfile").read_text()
     command = dockerfile.split("HEALTHCHECK", 1)[1].split('CMD python -c "', 1)[1].split('"\n', 1)[0]
-    daemon = await make_daemon()
-    port = daemon.client.server.port
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
-    async def healthcheck(env_port: str) -> int:
-        env = {**os.environ, "EXECD_PORT": env_port}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", command, env=env, stderr=asyncio.subprocess.DEVNULL
+    def healthcheck(env_port: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", command], env={**env, "EXECD_PORT": env_port}, capture_output=True, timeout=20
         )
-        return await asyncio.wait_for(proc.wait(), 20)
+        return done.returncode
 
-    assert await healthcheck(str(port)) == 0
-    assert await healthcheck(str(free_port())) != 0
+    try:
+        deadline = time.monotonic() + 15
+        while healthcheck(str(port)) != 0:
+            assert time.monotonic() < deadline, "the daemon did not come up"
+            time.sleep(0.1)
+        assert healthcheck(str(free_port())) != 0
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=15)
+    assert daemon.returncode == 0
