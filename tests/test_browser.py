@@ -225,4 +225,6 @@ async def test_browser_eventsource_resumes_a_cut_stream_with_last_event_id(
     # A cursor at the last event of the finished run: 204, and the browser's EventSource stops for good.
     assert "last-event-id" not in requests[3].headers
     assert probe_state == 2  # EventSource.CLOSED
-    assert statuses == [200, 200, 200, 204]
+    # As the browser saw them: streams answered 200, the probe 204. (Playwright does not report
+    # every response of a stream the page closes at once; the proxy's count above is the exact one.)
+    assert statuses[-1] == 204 and set(statuses[:-1]) == {200}, statuses
