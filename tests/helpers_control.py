@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +190,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(*args: str, env: dict[str, str] | None = None, output: Any = subprocess.DEVNULL) -> Iterator[ServedDaemon]:
+    """`python -m execd serve` on a free loopback port, from a blocking test, once /healthz answers;
+    SIGTERM at the end, after which it must exit 0. `env` adds to the environment minus EXECD_*."""
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=REPO,
+        env={**base, **(env or {})},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not healthy(port):
+            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not come up"
+            time.sleep(0.05)
+        yield ServedDaemon(proc, port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert proc.returncode == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedDaemon:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def healthy(port: int, timeout: float = 1.0) -> bool:
+    """Whether GET /healthz answers 200 on this port now."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 class DaemonProcess:

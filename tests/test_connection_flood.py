@@ -4,19 +4,13 @@ stays JSON and short (one line a second), and the daemon serves as soon as the f
 from __future__ import annotations
 
 import json
-import os
 import resource
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from tests.helpers_control import free_port
+from tests.helpers_control import healthy, served
 
-REPO = Path(__file__).resolve().parent.parent
 FD_LIMIT = 64
 
 
@@ -28,50 +22,20 @@ def _connect_without_waiting(port: int) -> socket.socket:
     return conn
 
 
-def _healthz(port: int, timeout: float) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
-        return int(response.status)
-
-
 def test_a_connection_flood_beyond_the_fd_limit_leaves_the_log_short_and_the_daemon_serving(tmp_path: Path) -> None:
-    port = free_port()
     log_path = tmp_path / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")} | {"EXECD_LOG_FORMAT": "json"}
-    with log_path.open("wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                assert _healthz(port, 1) == 200
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)
+    with log_path.open("wb") as log, served(env={"EXECD_LOG_FORMAT": "json"}, output=log) as daemon:
         # Once it serves (no preexec_fn: this process has threads), the daemon's fd limit drops.
-        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
-        flood = [_connect_without_waiting(port) for _ in range(3 * FD_LIMIT)]
+        resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+        flood = [_connect_without_waiting(daemon.port) for _ in range(3 * FD_LIMIT)]
         time.sleep(2.5)  # the daemon keeps failing to accept the ones beyond its limit
         for conn in flood:
             conn.close()
         started = time.monotonic()
-        while True:
-            try:
-                assert _healthz(port, 1) == 200
-                break
-            except OSError:
-                assert time.monotonic() - started < 10, "not serving after the flood"
-                time.sleep(0.05)
+        while not healthy(daemon.port):
+            assert time.monotonic() - started < 10, "not serving after the flood"
+            time.sleep(0.05)
         serving_after = time.monotonic() - started
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=15)
     lines = log_path.read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line is one JSON object
     errors = [e for e in events if e["event"] == "event_loop_error"]
@@ -82,4 +46,3 @@ def test_a_connection_flood_beyond_the_fd_limit_leaves_the_log_short_and_the_dae
     # Serving again takes about asyncio's 1 s accept retry delay (ACCEPT_RETRY_DELAY) plus the
     # closing of what was accepted: reported, not asserted (a loaded machine moves it).
     print(f"\nserving again {serving_after:.2f} s after the flood; {len(errors)} log lines")
-    assert daemon.returncode == 0

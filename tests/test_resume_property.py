@@ -6,13 +6,7 @@ grace long enough to come back)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,47 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import GAP_ID, assert_no_processes, parse_sse
-from tests.helpers_control import free_port
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers_control import served
 
 
 @pytest.fixture(scope="module")
 def daemon_url() -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
     session_ids: set[str] = set()
-    try:
-        asyncio.run(_wait_healthy(url))
-        yield url
-        session_ids = asyncio.run(_session_ids(url))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-    assert proc.returncode == 0
+    with served("--log-level", "warning") as daemon:
+        yield daemon.url
+        session_ids = asyncio.run(_session_ids(daemon.url))
     assert_no_processes(session_ids)
-
-
-async def _wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + 15
-    async with aiohttp.ClientSession(url) as http:
-        while True:
-            try:
-                async with http.get("/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "the daemon did not start"
-            await asyncio.sleep(0.05)
 
 
 async def _session_ids(url: str) -> set[str]:

@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.helpers_control import free_port
+from tests.helpers_control import free_port, served
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,29 +56,11 @@ def test_the_image_healthcheck_asks_the_port_in_execd_port() -> None:
     # (a subprocess: an in-process daemon, a subreaper, would reap the check's exit status).
     dockerfile = (REPO / "Dockerfile").read_text()
     command = dockerfile.split("HEALTHCHECK", 1)[1].split('CMD python -c "', 1)[1].split('"\n', 1)[0]
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
     def healthcheck(env_port: str) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", command], env={**env, "EXECD_PORT": env_port}, capture_output=True, timeout=20
-        )
-        return done.returncode
+        env = {**os.environ, "EXECD_PORT": env_port}
+        return subprocess.run([sys.executable, "-c", command], env=env, capture_output=True, timeout=20).returncode
 
-    try:
-        deadline = time.monotonic() + 15
-        while healthcheck(str(port)) != 0:
-            assert time.monotonic() < deadline, "the daemon did not come up"
-            time.sleep(0.1)
+    with served("--log-level", "error") as daemon:
+        assert healthcheck(str(daemon.port)) == 0
         assert healthcheck(str(free_port())) != 0
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=15)
-    assert daemon.returncode == 0
