@@ -207,6 +207,8 @@ builtin trap "$__execd_sigint_trap" INT
 builtin trap '{ \__execd_check_interrupt 2>&19 19>&-; } 19>&2 2>/dev/null' USR2
 builtin alias __execd_go0="$__execd_alias0" __execd_go1="$__execd_alias1"
 if [[ -n ${__EXECD_NOFILE-} ]]; then builtin ulimit -Sn "$__EXECD_NOFILE" 2>/dev/null; fi
+# --max-processes: soft and hard, so the session's code cannot raise it again.
+if [[ -n ${__EXECD_NPROC-} ]]; then builtin ulimit -u "$__EXECD_NPROC" 2>/dev/null; fi
 builtin cd -- "$__EXECD_CWD" || builtin exit 97
-builtin unset __EXECD_CWD __EXECD_NOFILE
+builtin unset __EXECD_CWD __EXECD_NOFILE __EXECD_NPROC
 builtin printf '\0%s\0%s\0%s\0%s\0' ready 0 "$-" "$PWD" >|"$__execd_dir/status"

@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from execd import identity
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -34,6 +36,13 @@ class Settings:
     log_level: str = "info"
     reap_orphans: bool = True  # be a child subreaper and reap what re-parents to us
     event_loop: str = "asyncio"  # or uvloop (the `fast` extra): see README, Performance
+    run_as: str | None = None  # USER[:GROUP] every shell runs as; the daemon keeps its own user
+    max_processes: int = 0  # RLIMIT_NPROC of a shell's user when it is not root; 0 = unchanged
+    allow_privilege_escalation: bool = False  # keep setuid binaries working in switched shells
+    session_cgroups: bool = True  # a cgroup per session where cgroup v2 is writable (else tag sweeps)
+    max_connections: int = 1024  # open HTTP connections; past it new ones wait in the backlog
+    request_timeout_s: float = 30.0  # a request's headers and body must arrive within it
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after it
 
     def __post_init__(self) -> None:
         """Every value in its range: a bad flag or variable stops the daemon at start, by name."""
@@ -42,6 +51,11 @@ class Settings:
             if not math.isfinite(value) or value < low or (high is not None and value > high):
                 bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
                 raise ValueError(f"{_flag(name)}: must be {bounds}, got {value!r}")
+        if self.run_as is not None:
+            try:
+                identity.resolve(self.run_as)
+            except identity.UnknownIdentity as exc:
+                raise ValueError(f"{_flag('run_as')}: {exc}") from None
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -80,6 +94,10 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "disconnect_grace_ms": (0, None),
     "max_readers": (1, None),
     "shutdown_grace_s": (0, None),
+    "max_processes": (0, None),
+    "max_connections": (1, None),
+    "request_timeout_s": (0.001, None),
+    "keepalive_timeout_s": (0, None),
 }
 _CHOICES = {
     "log_format": frozenset({"auto", "json", "console"}),

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from execd import process
+from execd.cgroups import SessionCgroups
 
 
 @dataclass(frozen=True)
@@ -37,17 +38,18 @@ async def climb_for_run(
     await give_up()
 
 
-async def sweep_sessions(sessions: Mapping[str, int | None], timings: Timings) -> bool:
-    """SIGKILL every process of these sessions (session tag -> shell pid) and wait for the exits,
-    off the event loop (it reads /proc). False if something survived `kill_wait_s`."""
+async def sweep_sessions(sessions: Mapping[str, int | None], timings: Timings, cgroups: SessionCgroups | None) -> bool:
+    """SIGKILL every process of these sessions (session tag -> shell pid; their cgroups, where
+    they have them) and wait for the exits, off the event loop (it reads /proc). False if
+    something survived `kill_wait_s`."""
     if not sessions:
         return True
-    return await asyncio.to_thread(process.kill_sessions, sessions, timings.kill_wait_s)
+    return await asyncio.to_thread(process.kill_sessions, sessions, timings.kill_wait_s, cgroups)
 
 
-def sweep_sessions_now(sessions: Mapping[str, int | None], timings: Timings) -> bool:
+def sweep_sessions_now(sessions: Mapping[str, int | None], timings: Timings, cgroups: SessionCgroups | None) -> bool:
     """The same, blocking: for a forced exit, where nothing may wait on the event loop."""
-    return process.kill_sessions(sessions, min(timings.kill_wait_s, 0.5))
+    return process.kill_sessions(sessions, min(timings.kill_wait_s, 0.5), cgroups)
 
 
 async def _within(end: Awaitable[None], timeout_s: float) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from execd import identity
 from execd.logging import get_logger
 
 log = get_logger("execd.pipes")
@@ -250,12 +251,16 @@ class StdinStream:
 
     CHECK_S = 0.002
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, path: str, shell_pid: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, path: str, shell_pid: int, owner: identity.Owner | None = None
+    ) -> None:
         self._loop = loop
         self._path = path
         self._shell_pid = shell_pid
         os.mkfifo(path, 0o600)
         self._fd: int | None = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if owner is not None:
+            owner.give(self._fd)
         self._inode = os.fstat(self._fd).st_ino
         self.closed = False  # no more data may be written (eof, interrupt, end of the run)
         self._lock = asyncio.Lock()

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from execd.cgroups import SessionCgroups
+
 SESSION_TAG = "EXECD_SESSION_ID"
 _PR_SET_CHILD_SUBREAPER = 36
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -85,8 +87,9 @@ class Moment:
     """A point in process-creation order: the boot clock in ticks and the last pid handed out.
 
     Ticks alone are too coarse (10 ms): a background job started just before a run would pass for
-    one of the run's processes. Pids are handed out in increasing order, so within a tick or two
-    the last pid tells before from after; over longer spans the ticks do (pids wrap around).
+    one of the run's processes. Pids are handed out in increasing order, wrapping around at
+    pid_max, so within a tick or two the last pid tells before from after (counted modulo the
+    wrap: under load it comes about once a minute); over longer spans the ticks do.
     """
 
     ticks: int
@@ -112,9 +115,27 @@ def started_between(pid: int, after: Moment, before: Moment | None) -> bool:
     ticks = start_ticks(pid)
     if ticks is None or ticks < after.ticks or (before is not None and ticks > before.ticks):
         return False
-    if ticks <= after.ticks + 1 and after.last_pid and pid <= after.last_pid:
+    if ticks <= after.ticks + 1 and after.last_pid and not pid_after(pid, after.last_pid):
         return False
-    return not (before is not None and ticks >= before.ticks - 1 and before.last_pid and pid > before.last_pid)
+    return not (
+        before is not None and ticks >= before.ticks - 1 and before.last_pid and pid_after(pid, before.last_pid)
+    )
+
+
+def pid_after(pid: int, last_pid: int) -> bool:
+    """Whether `pid` was handed out after `last_pid`, across a wrap-around: fewer than half of
+    pid_max pids are handed out within the tick or two this is asked about."""
+    span = _pid_max()
+    return 0 < (pid - last_pid) % span < span // 2
+
+
+@functools.cache
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 22
 
 
 def start_ticks(pid: int) -> int | None:
@@ -267,13 +288,16 @@ def processes_started_between(
     return pids
 
 
-def kill_sessions(sessions: Mapping[str, int | None], timeout_s: float = 5.0) -> bool:
-    """SIGKILL these sessions' process groups, their descendants that left them, and every tagged
-    escapee; wait until all have exited and reap those that are our children (shells excepted: their
-    owners reap them). One pass over /proc serves every session, so a shutdown of a thousand
-    sessions costs a few scans, not a thousand. Blocking: call it from a thread. False if some
-    process survived `timeout_s`.
+def kill_sessions(
+    sessions: Mapping[str, int | None], timeout_s: float = 5.0, cgroups: SessionCgroups | None = None
+) -> bool:
+    """SIGKILL these sessions' cgroups (where they have one), process groups, their descendants
+    that left them, and every tagged escapee; wait until all have exited and reap those that are
+    our children (shells excepted: their owners reap them). One pass over /proc serves every
+    session, so a shutdown of a thousand sessions costs a few scans, not a thousand. Blocking: call
+    it from a thread. False if some process survived `timeout_s`.
     """
+    contained = cgroups.kill(list(sessions)) if cgroups is not None else []
     for shell in sessions.values():
         if shell is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -295,6 +319,11 @@ def kill_sessions(sessions: Mapping[str, int | None], timeout_s: float = 5.0) ->
         signal_pids(victims, signal.SIGKILL)
         if not wait_exits(victims, deadline):
             return False
+    if cgroups is not None and contained:
+        if not cgroups.wait_empty(contained, deadline):
+            return False
+        for session_id in contained:
+            cgroups.remove(session_id)
     reap_zombie_children()
     return True
 

@@ -16,10 +16,11 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from execd import ladder, process
+from execd import identity, ladder, process
+from execd.cgroups import SessionCgroups
 from execd.logging import get_logger
 from execd.run import Aborted, Completed, Run, RunLimits, RunRequest, rfc3339
-from execd.shell import NoActiveRun, Shell, ShellBusy, ShellConfig, ShellGone, ShellStartFailed
+from execd.shell import BOOTSTRAP, NoActiveRun, Shell, ShellBusy, ShellConfig, ShellGone, ShellStartFailed
 
 log = get_logger("execd.registry")
 # How a run in progress ends when the daemon ends its session.
@@ -137,6 +138,10 @@ class RegistryConfig:
     runs_kept: int = 16
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     shell_fd_limit: int | None = None
+    run_as: identity.Identity | None = None  # the shells' user unless a session names its own
+    max_processes: int = 0
+    allow_privilege_escalation: bool = False
+    session_cgroups: bool = True
 
 
 class Session:
@@ -204,6 +209,7 @@ class Session:
             "state": str(self.state),
             "pid": self.shell.pid or None,
             "cwd": self.shell.cwd,
+            "user": self.user.name,
             "labels": self.labels,
             "created_at": rfc3339(self.created_at),
             "last_active_at": rfc3339(self.last_active_at),
@@ -215,6 +221,10 @@ class Session:
             "exit_code": self.exit_code,
             "signal": self.signal,
         }
+
+    @property
+    def user(self) -> identity.Identity:
+        return self.shell.config.user or identity.daemon_identity()
 
     def resources(self) -> dict[str, Any]:
         if not self.state.live:
@@ -274,12 +284,27 @@ class Registry:
         self._watchdog_pidfd: int | None = None
         self.watchdog_state = "ok"  # or "restarting", while a dead watchdog is being replaced
         self.base_dir: str | None = None  # holds every session's private dir
+        self.bootstrap = BOOTSTRAP
+        self.cgroups: SessionCgroups | None = None
 
     # ----- lifecycle of the registry ---------------------------------------------------------
 
     def start(self) -> None:
         """Make the sessions' base dir and start the watchdog."""
         self.base_dir = tempfile.mkdtemp(prefix=f"execd-{os.getpid()}-")
+        if identity.can_switch():
+            os.chmod(self.base_dir, 0o711)  # shells of other users reach their own dirs, list none
+        # The wrapper, where every shell's user can read it (the package may sit in a 0700 home).
+        self.bootstrap = os.path.join(self.base_dir, "bootstrap.sh")
+        shutil.copyfile(BOOTSTRAP, self.bootstrap)
+        os.chmod(self.bootstrap, 0o644)
+        self.cgroups = SessionCgroups.create() if self.config.session_cgroups else None
+        log.info(
+            "kill_mode",
+            mode="cgroup" if self.cgroups else "tag_sweep",
+            cgroup=self.cgroups.root if self.cgroups else None,
+            run_as=self.config.run_as.name if self.config.run_as else identity.daemon_identity().name,
+        )
         self._watchdog = self._spawn_watchdog()
         self._watch_watchdog()
 
@@ -288,7 +313,14 @@ class Registry:
         removes the base dir; in a session of its own, so a kill of our process group spares it."""
         assert self.base_dir is not None
         watchdog = subprocess.Popen(
-            [sys.executable, "-m", "execd.watchdog", self.base_dir, str(self.config.timings.kill_wait_s)],
+            [
+                sys.executable,
+                "-m",
+                "execd.watchdog",
+                self.base_dir,
+                str(self.config.timings.kill_wait_s),
+                self.cgroups.root if self.cgroups else "",
+            ],
             stdin=subprocess.PIPE,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
@@ -328,7 +360,7 @@ class Registry:
         self._watch_watchdog()
         for session in self.sessions.values():
             if not session.closed.is_set():
-                self._tell_watchdog("+" + session.id)
+                self._tell_watchdog(f"+{session.id} {session.shell.live_pid or ''}")
         self.watchdog_state = "ok"
         log.info("watchdog_restarted", pid=self._watchdog.pid)
 
@@ -342,6 +374,8 @@ class Registry:
         if self.base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
             self.base_dir = None
+        if self.cgroups is not None:
+            self.cgroups.remove_all()
 
     def _tell_watchdog(self, line: str) -> None:
         if self._watchdog and self._watchdog.stdin:
@@ -369,23 +403,34 @@ class Registry:
         return sum(1 for s in self.sessions.values() if s.state.live)
 
     async def create(
-        self, cwd: str | None, env: Mapping[str, str], idle_timeout_s: float | None, labels: Mapping[str, str]
+        self,
+        cwd: str | None,
+        env: Mapping[str, str],
+        idle_timeout_s: float | None,
+        labels: Mapping[str, str],
+        user: identity.Identity | None = None,
     ) -> Session:
         if self.shutting_down:
             raise ShuttingDown()
         if self.live_count() >= self.config.max_sessions:
             raise TooManySessions(self.config.max_sessions)
         session_id = secrets.token_hex(12)
-        base_env = {**self.config.base_env, **env}
+        user = user or self.config.run_as
+        login = user.environment() if user is not None else {}
         shell = Shell(
             ShellConfig(
                 session_id=session_id,
-                cwd=cwd or os.getcwd(),
-                env=base_env,
+                cwd=cwd or identity.default_cwd(user),
+                env={**self.config.base_env, **login, **env},
                 timings=self.config.timings,
                 between_runs_bytes=self.config.between_runs_bytes,
                 fd_limit=self.config.shell_fd_limit,
                 base_dir=self.base_dir,
+                cgroups=self.cgroups,
+                bootstrap=self.bootstrap,
+                user=user,
+                max_processes=self.config.max_processes,
+                allow_privilege_escalation=self.config.allow_privilege_escalation,
             )
         )
         timeout = self.config.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
@@ -400,11 +445,16 @@ class Registry:
         return session
 
     async def open(
-        self, cwd: str | None, env: Mapping[str, str], idle_timeout_s: float | None, labels: Mapping[str, str]
+        self,
+        cwd: str | None,
+        env: Mapping[str, str],
+        idle_timeout_s: float | None,
+        labels: Mapping[str, str],
+        user: identity.Identity | None = None,
     ) -> Session:
         """Create a session for a client: one whose shell could not start is not kept (the client
         never learns its id) and is a SessionStartFailed."""
-        session = await self.create(cwd, env, idle_timeout_s, labels)
+        session = await self.create(cwd, env, idle_timeout_s, labels, user)
         if session.start_error is not None:
             self.sessions.pop(session.id, None)
             self._tell_watchdog("-" + session.id)
@@ -421,6 +471,7 @@ class Registry:
             session.closed.set()
             log.warning("session_failed_to_start", session_id=session.id, error=str(exc))
             return
+        self._tell_watchdog(f"+{session.id} {session.shell.pid}")  # its tree dies with its tag
         if session.state == SessionState.STARTING:
             session.transition(SessionState.IDLE)
         log.info("session_opened", session_id=session.id, pid=session.shell.pid)
@@ -629,7 +680,7 @@ class Registry:
             session.shell.set_abort(SHUTTING_DOWN)
         # One sweep of /proc for all of them: closing a thousand sessions one by one takes minutes.
         sessions = {s.id: s.shell.live_pid for s in live}
-        if not await ladder.sweep_sessions(sessions, self.config.timings):
+        if not await ladder.sweep_sessions(sessions, self.config.timings, self.cgroups):
             log.warning("session_processes_survived_kill", sessions=len(sessions))
         await asyncio.gather(*(self._clean_up(s, SHUTTING_DOWN, killed=True) for s in live))
         for session in live:
@@ -640,7 +691,7 @@ class Registry:
     def kill_all_now(self) -> None:
         """Last resort (a second signal): kill every shell without waiting for anything."""
         pending = [s for s in self.sessions.values() if not s.closed.is_set()]
-        ladder.sweep_sessions_now({s.id: s.shell.live_pid for s in pending}, self.config.timings)
+        ladder.sweep_sessions_now({s.id: s.shell.live_pid for s in pending}, self.config.timings, self.cgroups)
         for session in pending:
             session.shell.release_killed(SHUTTING_DOWN)
 

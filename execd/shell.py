@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 
-from execd import ladder, process
+from execd import identity, ladder, process
+from execd.cgroups import SessionCgroups
 from execd.logging import get_logger
 from execd.pipes import OutputPipes, Status, StatusChannel, StdinStream, Stream
 from execd.run import Aborted, Completed, Outcome, Run
@@ -34,7 +35,7 @@ from execd.run import Aborted, Completed, Outcome, Run
 log = get_logger("execd.shell")
 MAX_SENDS = 3  # a run's line is sent again when the user's code broke the wrapper's alias
 INTERRUPT_SIGNAL = signal.SIGUSR2  # the shell's own handler for the daemon's interrupts
-_BOOTSTRAP = str(resources.files("execd") / "bootstrap.sh")
+BOOTSTRAP = str(resources.files("execd") / "bootstrap.sh")
 _BASH = shutil.which("bash") or "/bin/bash"
 _NON_INTERACTIVE_DEFAULTS = {"PAGER": "cat", "GIT_PAGER": "cat", "TERM": "dumb"}
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
@@ -74,6 +75,11 @@ class ShellConfig:
     start_timeout_s: float = 10.0
     fd_limit: int | None = None  # the soft RLIMIT_NOFILE the shell gets (the daemon's may be higher)
     base_dir: str | None = None  # where the private dir goes (one per daemon, so it is easy to sweep)
+    bootstrap: str = BOOTSTRAP  # a copy the shell's user can read (the package may sit in /root)
+    user: identity.Identity | None = None  # whom the shell runs as; None: the daemon's own user
+    max_processes: int = 0  # RLIMIT_NPROC of a shell that runs as a user other than root
+    allow_privilege_escalation: bool = False  # setuid binaries may elevate a switched shell
+    cgroups: SessionCgroups | None = None  # where each session gets a cgroup of its own
 
 
 def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str]:
@@ -115,6 +121,7 @@ class Shell:
         "_foreign_records",
         "_last_exit_code",
         "_loop",
+        "_owner",
         "_pipes",
         "_status",
         "_tasks",
@@ -137,6 +144,7 @@ class Shell:
         self.abort: Aborted | None = None  # why the daemon killed the shell, if it did
         self._loop = asyncio.get_running_loop()
         self._dir = ""
+        self._owner = identity.Owner.of(config.user)
         self._fds: dict[str, int] = {}
         self._pipes = OutputPipes(self._loop, config.between_runs_bytes, config.session_id)
         self._status: StatusChannel | None = None
@@ -173,20 +181,30 @@ class Shell:
         self._dir = tempfile.mkdtemp(prefix="session-", dir=self.config.base_dir)
         fifo = os.path.join(self._dir, "status")
         os.mkfifo(fifo, 0o600)
-        os.mkfifo(os.path.join(self._dir, "scratch"), 0o600)  # the wrapper's, to read trap texts
+        scratch = os.path.join(self._dir, "scratch")
+        os.mkfifo(scratch, 0o600)  # the wrapper's, to read trap texts
         # O_RDWR: opening never blocks and the FIFO never reads EOF while the shell reopens it.
         self._fds["status"] = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._fds["code"] = os.open(os.path.join(self._dir, "code"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._owner is not None:
+            os.chmod(self._dir, 0o711)
+            for owned in (self._fds["status"], self._fds["code"], scratch):
+                self._owner.give(owned)
         stdin_r, self._fds["stdin"] = os.pipe2(os.O_CLOEXEC)
         stdout_w, stderr_w = self._pipes.open()
         env = shell_environment(self.config.env, self.config.session_id)
-        env.update(BASH_ENV=_BOOTSTRAP, __EXECD_DIR=self._dir, __EXECD_CWD=self.config.cwd)
+        env.update(BASH_ENV=self.config.bootstrap, __EXECD_DIR=self._dir, __EXECD_CWD=self.config.cwd)
         if self.config.fd_limit:
             env["__EXECD_NOFILE"] = str(self.config.fd_limit)
+        if self.config.max_processes and self.config.user is not None and not self.config.user.is_root:
+            env["__EXECD_NPROC"] = str(self.config.max_processes)  # set by the shell itself, as its user
+        argv = ["bash", "--noprofile", "--norc"]
+        if self._owner is not None and self.config.user is not None:
+            argv = [*self.config.user.spawn_prefix(self.config.allow_privilege_escalation), _BASH, *argv[1:]]
         try:
             self.pid = os.posix_spawn(
-                _BASH,
-                ["bash", "--noprofile", "--norc"],
+                argv[0] if self._owner is not None else _BASH,
+                argv,
                 env,
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, stdin_r, 0),
@@ -201,8 +219,10 @@ class Shell:
             for fd in (stdin_r, stdout_w, stderr_w):
                 os.close(fd)
         process.owned_children.add(self.pid)
+        if self.config.cgroups is not None:
+            self.config.cgroups.add(self.config.session_id, self.pid)
         self._fds["pidfd"] = os.pidfd_open(self.pid)
-        self._loop.add_reader(self._fds["pidfd"], self._reap, False)
+        self._loop.add_reader(self._fds["pidfd"], self._exited)
 
         def on_status(status: Status) -> None:
             if not started.done():
@@ -241,7 +261,7 @@ class Shell:
         if self.pid:
             if not killed:
                 sessions = {self.config.session_id: self.live_pid}
-                if not await ladder.sweep_sessions(sessions, self.config.timings):
+                if not await ladder.sweep_sessions(sessions, self.config.timings, self.config.cgroups):
                     log.warning("session_processes_survived_kill", session_id=self.config.session_id)
             if self.returncode is None:
                 try:
@@ -292,6 +312,15 @@ class Shell:
         """Reap a shell known to be exiting (its command channel is closed), blocking briefly."""
         if self.returncode is None and self.pid:
             self._reap(block=True)
+
+    def _exited(self) -> None:
+        """The shell has ended (its pidfd says so) and is not reaped yet, so its pid, and the
+        process group it leads, cannot be anyone else's: kill what is left in that group first
+        (a background job it left behind, tagged or not), then reap."""
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self._reap(block=False)
 
     def _reap(self, block: bool) -> None:
         """Reap the shell if it has exited (`block`: wait for it, for callers that know it is
@@ -367,7 +396,8 @@ class Shell:
         request = run.request
         self._write_code(request.code)
         if request.stdin_stream:
-            current.stdin = StdinStream(self._loop, os.path.join(self._dir, f"stdin-{current.seq}"), self.pid)
+            path = os.path.join(self._dir, f"stdin-{current.seq}")
+            current.stdin = StdinStream(self._loop, path, self.pid, self._owner)
         try:
             current.line = self._command_line(current).encode()
             _write_all(self._fds["stdin"], current.line)
@@ -408,9 +438,9 @@ class Shell:
         request = current.run.request
         prelude = "".join(f"\\__execd_setenv {k} {shlex.quote(v)}\n" for k, v in request.env.items())
         if prelude:
-            _write_file(os.path.join(self._dir, "prelude"), prelude.encode())
+            _write_file(os.path.join(self._dir, "prelude"), prelude.encode(), self._owner)
         if request.stdin is not None:
-            _write_file(os.path.join(self._dir, "stdin"), request.stdin.encode(errors="surrogateescape"))
+            _write_file(os.path.join(self._dir, "stdin"), request.stdin.encode(errors="surrogateescape"), self._owner)
         # Bash reads its commands from a pipe one byte at a time, so the line is a few assignments
         # and an alias that bootstrap.sh defines (see there).
         line = [f"__execd_s={current.seq}"]
@@ -485,7 +515,8 @@ class Shell:
             run.interrupt_signal = sig
             run.timed_out = cause == "timeout"
             # The file says which run the signal is for; the shell ignores it for any other run.
-            _write_file(os.path.join(self._dir, "interrupt"), f"{current.seq} {sig.name[3:]}\n".encode())
+            notice = f"{current.seq} {sig.name[3:]}\n".encode()
+            _write_file(os.path.join(self._dir, "interrupt"), notice, self._owner)
             self._spawn_task(
                 ladder.climb_for_run(
                     run.wait_end,
@@ -564,9 +595,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _write_file(path: str, data: bytes) -> None:
+def _write_file(path: str, data: bytes, owner: identity.Owner | None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        if owner is not None:
+            owner.give(fd)
         _write_all(fd, data)
     finally:
         os.close(fd)

@@ -1,12 +1,13 @@
 """A tiny process that outlives the daemon for one purpose: if the daemon dies, kill its sessions.
 
 The daemon starts it in a session of its own (so a kill of the daemon's process group spares it)
-with the daemon's base dir and the ladder's kill wait as arguments, and writes `+ID` / `-ID` lines
-on its stdin as sessions open and close. When the pipe reaches EOF, the daemon is gone, cleanly or
-not: the last rung of the termination ladder runs for every open session (every process whose
-environment carries one of their ids is SIGKILLed, until a sweep finds none and their exits are
-seen), and the base dir (the sessions' private files) is removed. It imports only the /proc
-toolkit and the standard library, so it starts fast.
+with the daemon's base dir, the ladder's kill wait and its cgroup of sessions (or "") as arguments,
+and writes `+ID [SHELL_PID]` / `-ID` lines on its stdin as sessions open and close. When the pipe
+reaches EOF, the daemon is gone, cleanly or not: the last rung of the termination ladder runs for
+every open session (their cgroups are killed; each shell's process group and tree, tagged or not,
+and every process whose environment carries one of their ids are SIGKILLed, until a sweep finds
+none and their exits are seen), and the base dir (the sessions' private files) is removed. It
+imports only the /proc toolkit and the standard library, so it starts fast.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import sys
 
 from execd import process
+from execd.cgroups import SessionCgroups
 
 
 def main() -> None:
@@ -24,16 +26,25 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     base_dir = sys.argv[1] if len(sys.argv) > 1 else ""
     kill_wait_s = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-    session_ids: set[str] = set()
+    cgroups = SessionCgroups(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
+    shells: dict[str, int | None] = {}
     for raw in sys.stdin.buffer:
-        line = raw.strip().decode(errors="replace")
-        if line.startswith("+"):
-            session_ids.add(line[1:])
-        elif line.startswith("-"):
-            session_ids.discard(line[1:])
-    if session_ids:
-        # The shells' pids are not ours to trust any more (the daemon is gone): by tag only.
-        process.kill_sessions(dict.fromkeys(session_ids), timeout_s=kill_wait_s)
+        session_id, _, pid = raw.strip().decode(errors="replace")[1:].partition(" ")
+        if raw.startswith(b"+"):
+            shells[session_id] = int(pid) if pid.isdigit() else None
+        elif raw.startswith(b"-"):
+            shells.pop(session_id, None)
+    if shells:
+        # A shell's pid is trusted only while that process still carries its session's tag (the
+        # daemon that reaped it is gone, so the number may be someone else's by now).
+        process.kill_sessions(
+            {sid: pid if pid and process.tag_of(pid) == sid else None for sid, pid in shells.items()},
+            timeout_s=kill_wait_s,
+            cgroups=cgroups,
+        )
+    if cgroups is not None:
+        cgroups.kill_all(kill_wait_s)
+        cgroups.remove_all()
     if os.path.basename(base_dir).startswith("execd-"):
         shutil.rmtree(base_dir, ignore_errors=True)
 

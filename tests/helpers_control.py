@@ -24,8 +24,10 @@ from typing import Any
 
 import aiohttp
 import psutil
+import pytest
 from aiohttp import ClientResponse
 
+from execd.cgroups import SessionCgroups
 from execd.process import tag_of
 from tests.conftest import Event, assert_no_processes, is_zombie
 
@@ -103,6 +105,32 @@ async def open_run(client: Any, session_id: str, code: str, **body: Any) -> Even
     init = await stream.next()
     assert init.type == "init", init
     return stream
+
+
+# ----- privileges -----------------------------------------------------------------------------
+
+REQUIRE_ROOT = "EXECD_TEST_REQUIRE_ROOT"  # .ci/run sets it: a skip for want of root is then a failure
+
+
+def require_root(what: str) -> None:
+    """Skip, saying so plainly, where the suite does not run as root; fail in CI, which does."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get(REQUIRE_ROOT):
+        pytest.fail(f"{what} needs root, and {REQUIRE_ROOT} says this run has it")
+    pytest.skip(f"{what} needs root: run the suite as root (CI does)")
+
+
+def require_cgroups() -> None:
+    """A writable cgroup v2 tree with cgroup.kill (these machines have one, as root)."""
+    require_root("a cgroup per session")
+    probe = SessionCgroups.create()
+    if probe is None:
+        message = "no writable cgroup v2 tree with cgroup.kill here"
+        if os.environ.get(REQUIRE_ROOT):
+            pytest.fail(message)
+        pytest.skip(message)
+    probe.remove_all()
 
 
 # ----- processes ------------------------------------------------------------------------------

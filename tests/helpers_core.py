@@ -16,6 +16,7 @@ SESSION_FIELDS = {
     "state",
     "pid",
     "cwd",
+    "user",  # v2: whom the shell runs as
     "labels",
     "created_at",
     "last_active_at",

@@ -332,7 +332,8 @@ async def test_access_token_in_the_query_is_accepted_on_the_events_route_only(ma
 async def test_dropped_events_are_marked_by_one_gap_with_their_exact_wire_bytes(make_daemon: DaemonFactory) -> None:
     daemon = await make_daemon(run_log_bytes=4096)
     sid = await session_id(daemon)
-    code = "for i in $(seq 1 400); do echo line-$i; (( i % 50 )) || sleep 0.01; done; echo tail >&2"
+    # More text than the window holds however it is chunked (a loaded machine reads bigger chunks).
+    code = "for i in $(seq 1 1000); do echo line-$i; (( i % 125 )) || sleep 0.01; done; echo tail >&2"
     rid = (await background(daemon, sid, code))["run_id"]
     done = await finished(daemon, sid, rid)
     replay = await events(daemon, sid, rid)
@@ -342,8 +343,8 @@ async def test_dropped_events_are_marked_by_one_gap_with_their_exact_wire_bytes(
     kept = _frames(replay.raw)[2:]
     assert sum(len(frame) for frame in kept[:-1]) <= 4096
     assert done["dropped_bytes"] == gap["dropped_bytes"] > 0
-    assert replay.stderr == "tail\n" and replay.stdout.endswith("line-400\n")
-    assert done["output_bytes"] == sum(len(f"line-{i}\n") for i in range(1, 401)) + len("tail\n")
+    assert replay.stderr == "tail\n" and replay.stdout.endswith("line-1000\n")
+    assert done["output_bytes"] == sum(len(f"line-{i}\n") for i in range(1, 1001)) + len("tail\n")
     # A cursor inside the dropped region: the gap counts only what lies after it.
     inside = await events(daemon, sid, rid, after=3)
     assert inside.events[0].type == "gap" and inside.events[0].data["after"] == 3

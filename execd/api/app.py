@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from execd import __version__, ladder, process
+from execd import __version__, identity, ladder, process
 from execd.api import runs, sessions
 from execd.api.errors import error_response, from_exception, from_http_exception
 from execd.api.keys import REGISTRY, SETTINGS, STARTED_AT
@@ -137,6 +137,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
             run_limits=RunLimits(settings.run_log_bytes, settings.max_output_bytes, settings.max_readers),
             runs_kept=settings.runs_kept,
             shell_fd_limit=process.raise_fd_limit(),
+            run_as=identity.resolve(settings.run_as) if settings.run_as else None,
+            max_processes=settings.max_processes,
+            allow_privilege_escalation=settings.allow_privilege_escalation,
+            session_cgroups=settings.session_cgroups,
         )
     )
     app.cleanup_ctx.append(_registry_context)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from execd import identity
 from execd.api.errors import InvalidRequest, PayloadTooLarge
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -143,14 +144,29 @@ def _is_integral(value: float) -> bool:
     return isinstance(value, int) or float(value).is_integer()
 
 
-def directory(name: str, path: str | None, base: str) -> str | None:
-    """A directory that must exist; a relative one is taken from `base`, as `cd` would."""
+def directory(name: str, path: str | None, base: str, user: identity.Identity | None) -> str | None:
+    """A directory that must exist; a relative one is taken from `base`, as `cd` would. For a
+    shell of another user, one that user may enter (checked as that user, not as the daemon)."""
     if path is None:
         return None
     full = os.path.join(base, path)
     if not os.path.isdir(full):
         raise InvalidRequest(f"{name!r}: {path!r} is not a directory")
+    if user is not None and not user.may_enter(full):
+        raise InvalidRequest(f"{name!r}: user {user.name!r} may not enter {path!r}")
     return path
+
+
+def user(value: Any) -> identity.Identity | None:
+    """A session's `user`: a name or a numeric uid (as a number or a string)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidRequest("'user' must be a user name or a numeric uid")
+    try:
+        return identity.resolve(str(value))
+    except identity.UnknownIdentity as exc:
+        raise InvalidRequest(f"'user': {exc}") from None
 
 
 MAX_LABELS = 64
@@ -177,18 +193,21 @@ class SessionSpec:
     env: dict[str, str]
     idle_timeout_s: float | None
     labels: dict[str, str]
+    user: identity.Identity | None  # None: the daemon's default
 
 
-def session_spec(body: Mapping[str, Any]) -> SessionSpec:
-    fields = Fields(body, {"cwd", "env", "idle_timeout_s", "labels"})
+def session_spec(body: Mapping[str, Any], default_user: identity.Identity | None) -> SessionSpec:
+    fields = Fields(body, {"cwd", "env", "idle_timeout_s", "labels", "user"})
     cwd = fields.string("cwd")
     if cwd is not None and not os.path.isabs(cwd):
         raise InvalidRequest(f"'cwd': {cwd!r} must be an absolute path")
+    who = user(body.get("user"))
     return SessionSpec(
-        cwd=directory("cwd", cwd, "/"),
+        cwd=directory("cwd", cwd, "/", who or default_user),
         env=fields.string_map("env", env_names=True),
         idle_timeout_s=fields.number("idle_timeout_s"),
         labels=labels(fields.string_map("labels")),
+        user=who,
     )
 
 
@@ -222,7 +241,7 @@ class RunSpec:
     disconnect_grace_ms: int | None
 
 
-def run_spec(body: Mapping[str, Any], session_cwd: str) -> RunSpec:
+def run_spec(body: Mapping[str, Any], session_cwd: str, user: identity.Identity | None) -> RunSpec:
     fields = Fields(body, RUN_FIELDS)
     code = fields.aliased("code", "command")
     if code is None:
@@ -243,7 +262,7 @@ def run_spec(body: Mapping[str, Any], session_cwd: str) -> RunSpec:
     return RunSpec(
         code=code or "",
         timeout_ms=int(timeout or 0),
-        cwd=directory("cwd", fields.string("cwd"), session_cwd),
+        cwd=directory("cwd", fields.string("cwd"), session_cwd, user),
         env=fields.string_map("env", env_names=True),
         stdin=None if stdin == "stream" else stdin,
         stdin_stream=stdin == "stream",
