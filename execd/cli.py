@@ -17,6 +17,7 @@ from aiohttp import web
 from execd import __version__, process
 from execd.api import create_app
 from execd.api.keys import REGISTRY
+from execd.api.server import ConnectionLimits, Listener
 from execd.config import Settings, add_flags, settings_from_args
 from execd.logging import LoopErrors, configure, get_logger
 
@@ -44,9 +45,14 @@ async def serve(settings: Settings) -> int:
     # The whole stop must fit in the grace: aiohttp's own wait for open connections gets half of
     # it, and whatever is still running at 80% is killed outright.
     grace = settings.shutdown_grace_s
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace * 0.5, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace * 0.5)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    listener = Listener(
+        runner,
+        ConnectionLimits(settings.max_connections, settings.request_timeout_s),
+        {"access_log": None, "keepalive_timeout": settings.keepalive_timeout_s},
+    )
+    await listener.start(sock)
     log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
 
     loop = asyncio.get_running_loop()
@@ -64,6 +70,7 @@ async def serve(settings: Settings) -> int:
     await stop.wait()
     registry = app[REGISTRY]
     registry.shutting_down = True  # from now on every request is 503
+    listener.close()
     log.info("shutdown_requested", signal=signal.Signals(received[0]).name)
     cleanup = loop.create_task(runner.cleanup())
     forced = loop.create_task(force.wait())

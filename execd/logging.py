@@ -37,6 +37,7 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(StdlibRepeats())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -52,23 +53,50 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)  # type: ignore[no-any-return]
 
 
+class RateLimit:
+    """One log line per kind of event per second: `allow` says whether this one may be logged,
+    and how many of its kind were folded since the last that was."""
+
+    def __init__(self, interval_s: float = _REPEAT_S) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def allow(self, kind: str) -> int | None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.interval_s) < self.interval_s:
+            self._folded[kind] = self._folded.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._folded.pop(kind, 0)
+
+
 class LoopErrors:
-    """The event loop's exception handler: one log line per kind of error per second, with how
-    many were folded into it."""
+    """The event loop's exception handler, rate-limited."""
 
     def __init__(self) -> None:
         self._log = get_logger("execd.loop")
-        self._last: dict[str, float] = {}
-        self._folded: dict[str, int] = {}
+        self._limit = RateLimit()
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         message = str(context.get("message", "event loop error"))
         exc = context.get("exception")
-        kind = f"{message}:{type(exc).__name__}:{getattr(exc, 'errno', '')}"
-        now = time.monotonic()
-        if now - self._last.get(kind, -_REPEAT_S) < _REPEAT_S:
-            self._folded[kind] = self._folded.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        folded = self._folded.pop(kind, 0)
-        self._log.error("event_loop_error", message=message, repeated_since_last=folded, exc_info=exc)
+        folded = self._limit.allow(f"{message}:{type(exc).__name__}:{getattr(exc, 'errno', '')}")
+        if folded is not None:
+            self._log.error("event_loop_error", message=message, repeated_since_last=folded, exc_info=exc)
+
+
+class StdlibRepeats(logging.Filter):
+    """The same for the standard library's loggers (aiohttp logs a traceback for each body that
+    does not decode: any client could fill the log with them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limit = RateLimit()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_type = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        folded = self._limit.allow(f"{record.name}:{record.msg}:{exc_type}")
+        if folded:
+            record.msg = f"{record.msg} (and {folded} more like it since the last line)"
+        return folded is not None

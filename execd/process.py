@@ -29,19 +29,23 @@ _PR_GET_CHILD_SUBREAPER = 37
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process, so escapees stay findable."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        return bool(_libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """One handle (each CDLL makes objects only the cycle collector frees; sweeps ask often)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def is_subreaper() -> bool:
     if os.getpid() == 1:
         return True
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
         flag = ctypes.c_int(0)
-        return bool(libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
+        return bool(_libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
     except (OSError, AttributeError):
         return False
 
@@ -56,7 +60,7 @@ def keep_buffers_on_the_heap(mmap_threshold: int = 1 << 20, trim_threshold: int 
     three system calls a request, every request. Fixed thresholds keep such buffers on the heap.
     False where this is not glibc."""
     try:
-        libc = ctypes.CDLL(None)
+        libc = _libc()
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     except (OSError, AttributeError):
         return False

@@ -557,8 +557,11 @@ class Shell:
             await self._close_stuck("the shell did not come back after an interrupt")
 
     def _give_up(self, why: str) -> None:
-        """Close a shell that can run nothing more: the run in progress ends with SESSION_DIED."""
-        self._spawn_task(self._close_stuck(why))
+        """Close a shell that can run nothing more: the run in progress ends with SESSION_DIED.
+        Once: a flood may trip the status channel's cap again within one read."""
+        if self.abort is None:
+            self.set_abort(Aborted("SESSION_DIED", why))
+            self._spawn_task(self._close_stuck(why))
 
     async def _close_stuck(self, why: str) -> None:
         await self.close(Aborted("SESSION_DIED", why))

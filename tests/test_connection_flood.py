@@ -4,6 +4,7 @@ stays JSON and short (one line a second), and the daemon serves as soon as the f
 from __future__ import annotations
 
 import json
+import os
 import resource
 import socket
 import time
@@ -46,3 +47,30 @@ def test_a_connection_flood_beyond_the_fd_limit_leaves_the_log_short_and_the_dae
     # Serving again takes about asyncio's 1 s accept retry delay (ACCEPT_RETRY_DELAY) plus the
     # closing of what was accepted: reported, not asserted (a loaded machine moves it).
     print(f"\nserving again {serving_after:.2f} s after the flood; {len(errors)} log lines")
+
+
+def test_a_flood_of_20000_connections_meets_the_connection_cap_and_leaves_the_daemon_serving(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    count = min(20_000, hard - 500)  # what this process may open (the hard limit was 20,000 here)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 500)), hard))
+    log_path = tmp_path / "daemon.log"
+    try:
+        with log_path.open("wb") as log, served(env={"EXECD_LOG_FORMAT": "json"}, output=log) as daemon:
+            flood = [_connect_without_waiting(daemon.port) for _ in range(count)]
+            time.sleep(1.0)
+            daemon_fds = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+            for conn in flood:
+                conn.close()
+            started = time.monotonic()
+            while not healthy(daemon.port):
+                assert time.monotonic() - started < 10, "not serving after the flood"
+                time.sleep(0.01)
+            serving_after = time.monotonic() - started
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Past the cap (1024 by default) connections are answered 503 and closed: the fds stay bounded.
+    assert daemon_fds < 1024 + 100
+    events = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert any(e["event"] == "connection_refused" for e in events)
+    assert log_path.stat().st_size < 100_000
+    print(f"\nserving again {serving_after:.3f} s after a {count}-connection flood; daemon fds {daemon_fds}")

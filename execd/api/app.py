@@ -16,6 +16,7 @@ from execd import __version__, identity, ladder, process
 from execd.api import runs, sessions
 from execd.api.errors import error_response, from_exception, from_http_exception
 from execd.api.keys import REGISTRY, SETTINGS, STARTED_AT
+from execd.api.server import add_fallback, expect_continue, mark_head_received
 from execd.config import Settings
 from execd.logging import get_logger
 from execd.registry import Registry, RegistryConfig
@@ -28,14 +29,15 @@ OPEN_PATHS = frozenset({"/healthz", "/ping"})
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    mark_head_received(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return from_http_exception(exc)
-    except asyncio.CancelledError:
-        raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise  # a client gone mid-stream is no error of ours: aiohttp closes quietly
     except Exception as exc:
         api_error = from_exception(exc)
         if api_error is None:
@@ -145,8 +147,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
     )
     app.cleanup_ctx.append(_registry_context)
     app.on_shutdown.append(_end_sessions_first)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/ping", ping)
+    app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
+    app.router.add_get("/ping", ping, expect_handler=expect_continue)
     sessions.add_routes(app.router)
     runs.add_routes(app.router)
+    add_fallback(app.router)
     return app

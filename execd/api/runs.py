@@ -12,6 +12,7 @@ from aiohttp import web
 
 from execd.api.errors import json_response
 from execd.api.keys import REGISTRY, SETTINGS
+from execd.api.server import expect_continue
 from execd.api.validation import cursor, interrupt_spec, read_json, run_spec, stdin_spec
 from execd.logging import get_logger
 from execd.registry import Session
@@ -32,7 +33,7 @@ EVENTS_ROUTE = "run_events"  # the one route that also takes ?access_token= (Eve
 async def start_run(request: web.Request) -> web.StreamResponse:
     registry, settings = request.app[REGISTRY], request.app[SETTINGS]
     session = registry.get(request.match_info["session_id"])
-    spec = run_spec(await read_json(request, settings.max_body_bytes), session.shell.cwd, session.user)
+    spec = run_spec(await read_json(request), session.shell.cwd, session.user)
     grace_ms = settings.disconnect_grace_ms if spec.disconnect_grace_ms is None else spec.disconnect_grace_ms
     run_request = RunRequest(
         spec.code,
@@ -184,7 +185,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
 async def write_stdin(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     session, run = _session_run(request)
-    spec = stdin_spec(await read_json(request, request.app[SETTINGS].max_body_bytes))
+    spec = stdin_spec(await read_json(request))
     written = await registry.write_stdin(session, run.run_id, spec.data, spec.eof)
     return json_response({"written": written})
 
@@ -192,15 +193,17 @@ async def write_stdin(request: web.Request) -> web.Response:
 async def interrupt_run(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     session = registry.get(request.match_info["session_id"])
-    spec = interrupt_spec(await read_json(request, request.app[SETTINGS].max_body_bytes))
+    spec = interrupt_spec(await read_json(request))
     run_id = registry.interrupt(session, spec.signal, spec.run_id)
     return web.json_response({"run_id": run_id, "signal": spec.signal.name}, status=202)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post("/session/{session_id}/run", start_run)
-    router.add_post("/session/{session_id}/interrupt", interrupt_run)
-    router.add_get("/session/{session_id}/runs", list_runs)
-    router.add_get("/session/{session_id}/runs/{run_id}", get_run)
-    router.add_get("/session/{session_id}/runs/{run_id}/events", run_events, name=EVENTS_ROUTE)
-    router.add_post("/session/{session_id}/runs/{run_id}/stdin", write_stdin)
+    router.add_post("/session/{session_id}/run", start_run, expect_handler=expect_continue)
+    router.add_post("/session/{session_id}/interrupt", interrupt_run, expect_handler=expect_continue)
+    router.add_get("/session/{session_id}/runs", list_runs, expect_handler=expect_continue)
+    router.add_get("/session/{session_id}/runs/{run_id}", get_run, expect_handler=expect_continue)
+    router.add_get(
+        "/session/{session_id}/runs/{run_id}/events", run_events, expect_handler=expect_continue, name=EVENTS_ROUTE
+    )
+    router.add_post("/session/{session_id}/runs/{run_id}/stdin", write_stdin, expect_handler=expect_continue)

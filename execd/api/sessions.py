@@ -7,13 +7,14 @@ import asyncio
 from aiohttp import web
 
 from execd.api.errors import json_response
-from execd.api.keys import REGISTRY, SETTINGS
+from execd.api.keys import REGISTRY
+from execd.api.server import expect_continue
 from execd.api.validation import read_json, session_spec
 
 
 async def create_session(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    spec = session_spec(await read_json(request, request.app[SETTINGS].max_body_bytes), registry.config.run_as)
+    spec = session_spec(await read_json(request), registry.config.run_as)
     session = await registry.open(spec.cwd, spec.env, spec.idle_timeout_s, spec.labels, spec.user)
     return json_response(session.to_dict())  # 200, not 201: the OpenSandbox SDKs accept only 200
 
@@ -33,7 +34,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post("/session", create_session)
-    router.add_get("/session", list_sessions)
-    router.add_get("/session/{session_id}", get_session)
-    router.add_delete("/session/{session_id}", delete_session)
+    router.add_post("/session", create_session, expect_handler=expect_continue)
+    router.add_get("/session", list_sessions, expect_handler=expect_continue)
+    router.add_get("/session/{session_id}", get_session, expect_handler=expect_continue)
+    router.add_delete("/session/{session_id}", delete_session, expect_handler=expect_continue)

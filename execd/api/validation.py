@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -15,30 +16,18 @@ from aiohttp import web
 
 from execd import identity
 from execd.api.errors import InvalidRequest, PayloadTooLarge
+from execd.api.keys import SETTINGS
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 
 
-async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object; an empty body is `{}`. Over `max_bytes` is a 413."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise PayloadTooLarge(f"the body ({request.content_length} bytes) is over the limit of {max_bytes} bytes")
-    # Most bodies came with the headers: take what is there, and wait only while more is to come.
-    chunks, size = [], 0
-    chunk = request.content.read_nowait()
-    while True:
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-        if request.content.at_eof():
-            break
-        chunk = await request.content.read(65536)
-        if not chunk:
-            break
-    raw = b"".join(chunks)
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is `{}`. Over the body limit is a 413; a body that
+    has not arrived within the request timeout is a 400 (a slow client must not hold a handler)."""
+    settings = request.app[SETTINGS]
+    raw = await _read_body(request, settings.max_body_bytes, settings.request_timeout_s)
     if not raw.strip():
         return {}
     try:
@@ -50,6 +39,35 @@ async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
+
+
+async def _read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"the body ({request.content_length} bytes) is over the limit of {max_bytes} bytes")
+    # Most bodies came with the headers: take what is there, and wait (within the timeout) only
+    # while more is to come.
+    chunk = request.content.read_nowait()
+    if request.content.at_eof():
+        _check_size(len(chunk), max_bytes)
+        return chunk
+    chunks, size = [chunk], len(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not request.content.at_eof():
+                chunk = await request.content.read(65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                _check_size(size, max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InvalidRequest(f"the body did not arrive within {timeout_s:g} s") from None
+    return b"".join(chunks)
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise PayloadTooLarge(f"the body is over the limit of {max_bytes} bytes")
 
 
 class Fields:
