@@ -8,9 +8,13 @@ RUN apt-get update \
 WORKDIR /opt/execd
 COPY pyproject.toml README.md ./
 COPY execd ./execd
-RUN pip install --no-cache-dir . && mkdir -p /workspace
+# The daemon stays root (to switch users, kill any tree, manage cgroups); every shell runs as
+# the unprivileged `sandbox` user (setpriv, from util-linux, does the switch at spawn).
+RUN pip install --no-cache-dir . \
+    && useradd --create-home --home-dir /home/sandbox --uid 1000 --user-group --shell /bin/bash sandbox \
+    && mkdir -p /workspace && chown sandbox:sandbox /workspace
 
-ENV EXECD_HOST=0.0.0.0 EXECD_PORT=44772 EXECD_LOG_FORMAT=json
+ENV EXECD_HOST=0.0.0.0 EXECD_PORT=44772 EXECD_LOG_FORMAT=json EXECD_RUN_AS=sandbox
 EXPOSE 44772
 WORKDIR /workspace
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
