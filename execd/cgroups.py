@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import threading
 import time
-
-_POLL_S = 0.002
 
 
 class SessionCgroups:
@@ -21,6 +21,8 @@ class SessionCgroups:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self._emptied: list[str] = []  # killed and empty: removed later, off the answer's path
+        self._lock = threading.Lock()  # kill paths run in threads
 
     @classmethod
     def create(cls) -> SessionCgroups | None:
@@ -62,16 +64,48 @@ class SessionCgroups:
         return killed
 
     def wait_empty(self, session_ids: list[str], deadline: float) -> bool:
-        """Wait until these cgroups hold no process (exited ones leave at once, zombies too)."""
-        pending = list(session_ids)
-        while pending:
-            pending = [s for s in pending if _populated(self.path(s))]
-            if not pending:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(_POLL_S)
-        return True
+        """Wait until these cgroups hold no process (a process leaves at its exit, before it is
+        reaped), woken by the kernel's notice on `cgroup.events`."""
+        watched: list[int] = []
+        poller = select.poll()
+        try:
+            for session_id in session_ids:
+                try:
+                    fd = os.open(os.path.join(self.path(session_id), "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                watched.append(fd)
+                if _populated(fd):
+                    poller.register(fd, select.POLLPRI)
+            pending = sum(1 for fd in watched if _populated(fd))
+            while pending:
+                left_ms = (deadline - time.monotonic()) * 1000
+                if left_ms <= 0:
+                    return False
+                for fd, _ in poller.poll(left_ms):
+                    if not _populated(fd):
+                        poller.unregister(fd)
+                        pending -= 1
+            return True
+        finally:
+            for fd in watched:
+                os.close(fd)
+
+    def retire(self, session_ids: list[str]) -> None:
+        """These cgroups are empty and done with: `remove_retired` removes them (an rmdir costs
+        more than the rest of a DELETE)."""
+        with self._lock:
+            self._emptied.extend(session_ids)
+
+    @property
+    def has_retired(self) -> bool:
+        return bool(self._emptied)
+
+    def remove_retired(self) -> None:
+        with self._lock:
+            batch, self._emptied = self._emptied, []
+        for session_id in batch:
+            self.remove(session_id)
 
     def remove(self, session_id: str) -> None:
         with contextlib.suppress(OSError):
@@ -92,12 +126,11 @@ class SessionCgroups:
         return self.wait_empty([""], time.monotonic() + timeout_s)
 
 
-def _populated(path: str) -> bool:
-    """Whether a process is left in the cgroup or below it."""
+def _populated(events_fd: int) -> bool:
+    """Whether a process is left in the cgroup or below it (reading also re-arms the poll)."""
     try:
-        with open(os.path.join(path, "cgroup.events"), "rb") as f:
-            return b"populated 1" in f.read()
-    except FileNotFoundError:
+        return b"populated 1" in os.pread(events_fd, 512, 0)
+    except OSError:
         return False
 
 

@@ -326,8 +326,7 @@ def kill_sessions(
     if cgroups is not None and contained:
         if not cgroups.wait_empty(contained, deadline):
             return False
-        for session_id in contained:
-            cgroups.remove(session_id)
+        cgroups.retire(contained)
     reap_zombie_children()
     return True
 

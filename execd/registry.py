@@ -664,6 +664,8 @@ class Registry:
             timeouts = [s.idle_timeout_s for s in self.sessions.values() if s.idle_timeout_s > 0]
             await asyncio.sleep(min([max_period_s, *(max(0.05, t / 4) for t in timeouts)]))
             await self.reap_idle()
+            if self.cgroups is not None and self.cgroups.has_retired:
+                await asyncio.to_thread(self.cgroups.remove_retired)
             if reap_orphans:
                 process.reap_zombie_children()
 

@@ -3,6 +3,7 @@ per session, the shell that ends by itself, the watchdog, and pid numbers that w
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -42,11 +43,22 @@ async def test_cgroup_delete_kills_an_untagged_escapee(daemon_process: Any) -> N
     daemon: DaemonProcess = await daemon_process()
     assert '"mode": "cgroup"' in daemon.log_text()
     session = await daemon.create()
+    cgroup = os.path.join(_cgroup_root(daemon), session["session_id"])
+    assert os.path.isdir(cgroup)  # noqa: ASYNC240
     pid = await escapee_of(daemon, session["session_id"])
     assert daemon.http is not None
     async with daemon.http.delete(f"/session/{session['session_id']}") as response:
         assert response.status == 200
     assert gone(pid), "DELETE answered before the escapee was dead"
+    await wait_for(lambda: not os.path.exists(cgroup), what="the session's cgroup removed")
+
+
+def _cgroup_root(daemon: DaemonProcess) -> str:
+    for line in daemon.log_text().splitlines():
+        if '"kill_mode"' in line:
+            root: str = json.loads(line)["cgroup"]
+            return root
+    raise AssertionError("no kill_mode line in the daemon's log")
 
 
 async def test_cgroup_shell_that_exits_takes_its_untagged_escapee_along(daemon_process: Any) -> None:

@@ -36,6 +36,11 @@ def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         ([], {"EXECD_PORT": "-5"}, "EXECD_PORT"),
         ([], {"EXECD_EVENT_LOOP": "trio"}, "EXECD_EVENT_LOOP"),
         ([], {"EXECD_MAX_SESSIONS": "lots"}, "EXECD_MAX_SESSIONS"),
+        (["--run-as", "no-such-user-anywhere"], {}, "--run-as"),
+        (["--run-as", "root:no-such-group"], {}, "--run-as"),
+        (["--max-connections", "0"], {}, "--max-connections"),
+        (["--request-timeout-s", "0"], {}, "--request-timeout-s"),
+        ([], {"EXECD_MAX_PROCESSES": "-3"}, "EXECD_MAX_PROCESSES"),
     ],
 )
 def test_a_bad_flag_or_variable_is_one_line_naming_it_and_exit_2(
