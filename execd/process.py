@@ -302,6 +302,7 @@ def kill_sessions(
     it from a thread. False if some process survived `timeout_s`.
     """
     contained = cgroups.kill(list(sessions)) if cgroups is not None else []
+    shells = {pid for pid in sessions.values() if pid is not None}
     for shell in sessions.values():
         if shell is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -319,7 +320,8 @@ def kill_sessions(
             recheck = False
             time.sleep(0.002)
             continue
-        recheck = recheck or any(_group_of(pid) not in sessions.values() for pid in victims)
+        # (The shells are no escapees: one may be reaped by its owner meanwhile, and have no group.)
+        recheck = recheck or any(pid not in shells and _group_of(pid) not in shells for pid in victims)
         signal_pids(victims, signal.SIGKILL)
         if not wait_exits(victims, deadline):
             return False
