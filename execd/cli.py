@@ -17,6 +17,7 @@ from aiohttp import web
 from execd import __version__, process
 from execd.api import create_app
 from execd.api.keys import REGISTRY
+from execd.api.metrics import OpenListener
 from execd.api.server import ConnectionLimits, Listener
 from execd.config import Settings, add_flags, settings_from_args
 from execd.logging import LoopErrors, configure, get_logger
@@ -35,11 +36,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def serve(settings: Settings) -> int:
     """Serve until a signal; then stop taking work, end runs, close sessions, exit within the grace."""
-    # The port first: a busy one is one line and exit 1, before anything has started.
-    try:
-        sock = socket.create_server((settings.host, settings.port))
-    except OSError as exc:
-        print(f"execd: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+    # The ports first: a busy one is one line and exit 1, before anything has started.
+    sock = _listen(settings.host, settings.port)
+    metrics_sock = _listen(settings.host, settings.metrics_port) if sock and settings.metrics_port else None
+    if sock is None or (settings.metrics_port and metrics_sock is None):
+        if sock is not None:
+            sock.close()
         return 1
     app = create_app(settings)
     # The whole stop must fit in the grace: aiohttp's own wait for open connections gets half of
@@ -54,6 +56,11 @@ async def serve(settings: Settings) -> int:
     )
     await listener.start(sock)
     log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
+    open_metrics: OpenListener | None = None
+    if metrics_sock is not None:
+        open_metrics = OpenListener(app[REGISTRY].metrics)
+        await open_metrics.start(metrics_sock)
+        log.info("metrics_listening", host=settings.host, port=settings.metrics_port, token_required=False)
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrors())
@@ -72,6 +79,8 @@ async def serve(settings: Settings) -> int:
     registry.shutting_down = True  # from now on every request is 503
     listener.close()
     log.info("shutdown_requested", signal=signal.Signals(received[0]).name)
+    if open_metrics is not None:
+        await open_metrics.stop()  # at most a moment: a scrape in flight
     cleanup = loop.create_task(runner.cleanup())
     forced = loop.create_task(force.wait())
     done, _ = await asyncio.wait({cleanup, forced}, timeout=grace * 0.8, return_when=asyncio.FIRST_COMPLETED)
@@ -89,6 +98,14 @@ async def serve(settings: Settings) -> int:
     forced.cancel()
     log.info("stopped")
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket | None:
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        print(f"execd: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

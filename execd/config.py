@@ -43,6 +43,7 @@ class Settings:
     max_connections: int = 1024  # open HTTP connections; past it new ones wait in the backlog
     request_timeout_s: float = 30.0  # a request's headers and body must arrive within it
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after it
+    metrics_port: int = 0  # also serve /metrics with no token on this port of the same host; 0 = off
 
     def __post_init__(self) -> None:
         """Every value in its range: a bad flag or variable stops the daemon at start, by name."""
@@ -98,6 +99,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "max_connections": (1, None),
     "request_timeout_s": (0.001, None),
     "keepalive_timeout_s": (0, None),
+    "metrics_port": (0, 65535),
 }
 _CHOICES = {
     "log_format": frozenset({"auto", "json", "console"}),

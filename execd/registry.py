@@ -12,13 +12,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from execd import identity, ladder, process
 from execd.cgroups import SessionCgroups
 from execd.logging import get_logger
+from execd.metrics import Metrics
 from execd.run import Aborted, Completed, Run, RunLimits, RunRequest, rfc3339
 from execd.shell import BOOTSTRAP, NoActiveRun, Shell, ShellBusy, ShellConfig, ShellGone, ShellStartFailed
 
@@ -51,6 +52,8 @@ class SessionState(enum.StrEnum):
 
 _TERMINAL = frozenset({SessionState.CLOSED, SessionState.EXITED, SessionState.FAILED})
 _ENDINGS = {SessionState.CLOSING, SessionState.EXITED, SessionState.FAILED}
+# Why a session was closed, as the metrics' fixed set of reasons (a reason may be free text).
+_CLOSE_REASONS = {"deleted": "deleted", "idle_timeout": "idle_timeout", "shutdown": "shutdown"}
 ALLOWED_TRANSITIONS: Mapping[SessionState, frozenset[SessionState]] = {
     SessionState.STARTING: frozenset({SessionState.IDLE, *_ENDINGS}),
     SessionState.IDLE: frozenset({SessionState.RUNNING, *_ENDINGS}),
@@ -159,6 +162,7 @@ class Session:
         "last_active",
         "last_active_at",
         "last_run_id",
+        "on_ended",
         "reason",
         "run_count",
         "runs",
@@ -186,6 +190,7 @@ class Session:
         self.exit_code: int | None = None
         self.signal: str | None = None
         self.closed = asyncio.Event()  # set once every process is gone and every fd released
+        self.on_ended: Callable[[Session], None] | None = None  # told once, as the session stops being live
 
     def transition(self, new: SessionState, reason: str | None = None) -> None:
         if new == self.state:
@@ -198,6 +203,8 @@ class Session:
             self.reason = reason
         if new in _ENDINGS:
             self.ended_at = time.monotonic()
+            if self.on_ended is not None:
+                self.on_ended(self)
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -286,6 +293,8 @@ class Registry:
         self.base_dir: str | None = None  # holds every session's private dir
         self.bootstrap = BOOTSTRAP
         self.cgroups: SessionCgroups | None = None
+        self.metrics = Metrics(self.sessions_by_state, self.readers_attached)
+        self._on_session_ended = self._session_ended  # one bound method for all, not one per session
 
     # ----- lifecycle of the registry ---------------------------------------------------------
 
@@ -402,6 +411,15 @@ class Registry:
     def live_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.state.live)
 
+    def sessions_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for session in self.sessions.values():
+            counts[session.state] = counts.get(session.state, 0) + 1
+        return counts
+
+    def readers_attached(self) -> int:
+        return sum(run.reader_count for session in self.sessions.values() for run in session.runs.values())
+
     async def create(
         self,
         cwd: str | None,
@@ -431,10 +449,13 @@ class Registry:
                 user=user,
                 max_processes=self.config.max_processes,
                 allow_privilege_escalation=self.config.allow_privilege_escalation,
+                events=self.metrics,
             )
         )
         timeout = self.config.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
         session = Session(session_id, shell, timeout, labels)
+        session.on_ended = self._on_session_ended
+        self.metrics.session_created()
         shell.on_exit = lambda _shell: self._on_shell_exit(session)
         shell.on_run_end = lambda run: self._on_run_end(session, run)
         self.sessions[session_id] = session
@@ -514,6 +535,7 @@ class Registry:
         session.current_run_id = session.last_run_id = run.run_id
         session.run_count += 1
         session.touch()
+        self.metrics.run_started()
         log.debug("run_started", session_id=session.id, run_id=run.run_id, background=request.background)
         log.debug("run_code", session_id=session.id, run_id=run.run_id, code=request.code)
         return run, True
@@ -523,8 +545,8 @@ class Registry:
         session.current_run_id = None
         session.forget_old_runs(self.config.runs_kept)
         session.touch()
-        # Logged once the loop is free again: the client is waiting for the end.
-        asyncio.get_running_loop().call_soon(self._log_run_end, session, run)
+        # Logged and counted once the loop is free again: the client is waiting for the end.
+        asyncio.get_running_loop().call_soon(self._after_run_end, session, run)
         if session.state == SessionState.RUNNING:
             if session.shell.alive:
                 session.transition(SessionState.IDLE)
@@ -532,8 +554,8 @@ class Registry:
                 session.record_shell_end()
                 self.clean_up_later(session)
 
-    @staticmethod
-    def _log_run_end(session: Session, run: Run) -> None:
+    def _after_run_end(self, session: Session, run: Run) -> None:
+        self._count_run_end(run)
         outcome = run.outcome
         if isinstance(outcome, Completed):
             log.info(
@@ -548,6 +570,17 @@ class Registry:
             )
         elif isinstance(outcome, Aborted):
             log.info("run_aborted", session_id=session.id, run_id=run.run_id, code=outcome.code)
+
+    def _count_run_end(self, run: Run) -> None:
+        outcome = run.outcome
+        if isinstance(outcome, Aborted):
+            kind, code = "aborted", outcome.code
+        elif outcome is not None:  # a timeout is an interrupt too: the more specific word wins
+            kind = "timed_out" if outcome.timed_out else "interrupted" if outcome.interrupted else "completed"
+            code = ""
+        else:
+            return
+        self.metrics.run_finished(kind, code, run.duration_s, run.stdout_bytes, run.stderr_bytes, run.log.dropped_bytes)
 
     async def write_stdin(self, session: Session, run_id: str, data: bytes, eof: bool) -> int:
         """Feed a run's streamed stdin; returns the bytes written once they are in the pipe."""
@@ -599,6 +632,16 @@ class Registry:
     async def _delete(self, session: Session) -> None:
         await self.close(session, "deleted")
         self.sessions.pop(session.id, None)
+
+    def _session_ended(self, session: Session) -> None:
+        """The session stops being live (closing, exited or failed): counted by why."""
+        if session.state == SessionState.CLOSING:
+            reason = _CLOSE_REASONS.get(session.reason or "", "deleted")
+        elif session.state == SessionState.EXITED:
+            reason = "exited"
+        else:
+            reason = "start_failed" if session.start_error is not None else "failed"
+        self.metrics.session_closed(reason)
 
     def _on_shell_exit(self, session: Session) -> None:
         # With a run in progress, the run reports the end after it has read the last output; a

@@ -88,6 +88,7 @@ class Run:
         "_abandon_timer",
         "_encoder",
         "_ended",
+        "_ended_mono",
         "_started_mono",
         "ended",
         "finished_at",
@@ -97,13 +98,14 @@ class Run:
         "on_abandoned",
         "on_room",
         "outcome",
-        "output_bytes",
         "request",
         "run_id",
         "session_id",
         "started",
         "started_at",
         "state",
+        "stderr_bytes",
+        "stdout_bytes",
         "timed_out",
     )
 
@@ -117,9 +119,11 @@ class Run:
         self.started = process.now()  # in process-creation order: which processes are the run's
         self.ended: process.Moment | None = None
         self._started_mono = time.monotonic()
+        self._ended_mono: float | None = None
         self.finished_at: float | None = None
         self.outcome: Outcome | None = None
-        self.output_bytes = 0
+        self.stdout_bytes = 0
+        self.stderr_bytes = 0
         self.interrupt_signal: int | None = None
         self.timed_out = False
         self.on_abandoned: Callable[[Run], None] | None = None  # no reader left past the grace
@@ -140,6 +144,20 @@ class Run:
     def running(self) -> bool:
         return self.state == RunState.RUNNING
 
+    @property
+    def output_bytes(self) -> int:
+        return self.stdout_bytes + self.stderr_bytes
+
+    @property
+    def duration_s(self) -> float:
+        """From the start to the terminal event (to now, while the run is on)."""
+        end = self._ended_mono if self._ended_mono is not None else time.monotonic()
+        return end - self._started_mono
+
+    @property
+    def reader_count(self) -> int:
+        return len(self.log.readers)
+
     # ----- driven by the shell ---------------------------------------------------------------
 
     def add_between_runs(self, stream: Stream, data: bytes, dropped_bytes: int) -> None:
@@ -152,7 +170,10 @@ class Run:
 
     def add_output(self, stream: Stream, data: bytes) -> bool:
         """Output of the run; False when the engine should stop reading until there is room."""
-        self.output_bytes += len(data)
+        if stream == "stdout":
+            self.stdout_bytes += len(data)
+        else:
+            self.stderr_bytes += len(data)
         frame = self._encoder.output(stream, data)
         if frame is not None:
             self.log.append(frame)
@@ -164,6 +185,7 @@ class Run:
             self.log.append(frame)
         self.outcome = outcome
         self.finished_at = time.time()
+        self._ended_mono = time.monotonic()
         self._cancel_abandon()
         # The log's callbacks are this run's methods: a finished run needs neither, and without
         # them run and log are no cycle (a forgotten run goes with its last reference).
@@ -172,7 +194,7 @@ class Run:
             self.state = RunState.COMPLETED
             terminal = self._encoder.complete(
                 outcome.exit_code,
-                int((time.monotonic() - self._started_mono) * 1000),
+                int((self._ended_mono - self._started_mono) * 1000),
                 outcome.interrupted,
                 outcome.timed_out,
                 outcome.cwd,
@@ -246,7 +268,7 @@ class Run:
             "output_bytes": self.output_bytes,
             "dropped_bytes": self.log.dropped_bytes,
             "last_seq": self.log.last_seq,
-            "readers": len(self.log.readers),
+            "readers": self.reader_count,
             "background": request.background,
             "on_disconnect": "continue" if request.background else request.on_disconnect,
             "stdin": "stream" if request.stdin_stream else ("text" if request.stdin is not None else None),

@@ -1,6 +1,6 @@
 """One persistent bash process over pipes, and the runs it drives to their end. No HTTP here.
 
-Protocol (see bootstrap.sh and the README, "How it works"):
+Protocol (see bootstrap.sh and docs/architecture.md):
 - the shell reads one wrapper line per run on its stdin, the daemon's private command channel;
 - the user's code is written to a private file and `source`d with its own stdin, so it can neither
   read the command channel nor desynchronise it, and a syntax error is only a failed run;
@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Protocol
 
 from execd import identity, ladder, process
 from execd.cgroups import SessionCgroups
@@ -65,6 +66,14 @@ class ShellStartFailed(ShellError):
         self.errno = errno  # of the system call that failed, if one did
 
 
+class RunEvents(Protocol):
+    """Who hears of a run's interrupts and escalations (the daemon's metrics): told, never asked."""
+
+    def run_interrupted(self, cause: str) -> None: ...
+
+    def sigkill_escalated(self) -> None: ...
+
+
 @dataclass
 class ShellConfig:
     session_id: str
@@ -80,6 +89,7 @@ class ShellConfig:
     max_processes: int = 0  # RLIMIT_NPROC of a shell that runs as a user other than root
     allow_privilege_escalation: bool = False  # setuid binaries may elevate a switched shell
     cgroups: SessionCgroups | None = None  # where each session gets a cgroup of its own
+    events: RunEvents | None = None
 
 
 def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str]:
@@ -529,6 +539,8 @@ class Shell:
             current.stdin.close()  # a `read` of it must return, or the shell cannot come back
         os.kill(self.pid, INTERRUPT_SIGNAL)
         process.signal_pids(self._run_processes(run, same_group_only=sig == signal.SIGINT), sig)
+        if self.config.events is not None:
+            self.config.events.run_interrupted(cause)
         log.info("run_interrupted", session_id=self.config.session_id, run_id=run.run_id, signal=sig.name, cause=cause)
         return run.run_id
 
@@ -548,8 +560,15 @@ class Shell:
         )
 
     def _kill_run_processes(self, run: Run) -> None:
-        if self.alive:
-            process.signal_pids(self._run_processes(run), signal.SIGKILL)
+        """The ladder's SIGKILL rung, the grace after an interrupt: an escalation only if
+        something of the run is still there to kill."""
+        if not self.alive:
+            return
+        pids = self._run_processes(run)
+        if pids:
+            process.signal_pids(pids, signal.SIGKILL)
+            if self.config.events is not None:
+                self.config.events.sigkill_escalated()
 
     async def _give_up_if_stuck(self, current: _Current) -> None:
         # A run whose status has arrived is not stuck.

@@ -13,12 +13,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from execd import __version__, identity, ladder, process
-from execd.api import runs, sessions
-from execd.api.errors import error_response, from_exception, from_http_exception
-from execd.api.keys import REGISTRY, SETTINGS, STARTED_AT
-from execd.api.server import add_fallback, expect_continue, mark_head_received
+from execd.api import metrics, openapi, runs, sessions
+from execd.api.errors import error_response, from_exception, from_http_exception, json_response
+from execd.api.keys import METRICS, REGISTRY, SETTINGS, STARTED_AT
+from execd.api.server import FALLBACK_ROUTE, add_fallback, expect_continue, mark_head_received
 from execd.config import Settings
 from execd.logging import get_logger
+from execd.metrics import CLIENT_GONE_STATUS, Metrics
 from execd.registry import Registry, RegistryConfig
 from execd.run import RunLimits
 
@@ -27,23 +28,47 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/ping"})
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    mark_head_received(request)
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return from_http_exception(exc)
-    except (asyncio.CancelledError, ConnectionError):
-        raise  # a client gone mid-stream is no error of ours: aiohttp closes quietly
-    except Exception as exc:
-        api_error = from_exception(exc)
-        if api_error is None:
-            log.exception("request_failed", method=request.method, path=request.path)
-            return error_response(500, "INTERNAL", f"internal error: {type(exc).__name__}")
-        return error_response(api_error.status, api_error.code, api_error.message, **api_error.extra)
+def errors_middleware(metrics: Metrics) -> Middleware:
+    """Exceptions as the contract's JSON errors; and every answer counted by route template, method
+    and status, here rather than in a middleware of its own (each layer costs every run a coroutine
+    call), where every status is known: the gate's 401 and 503 and the errors made here."""
+    count = metrics.http_request
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        mark_head_received(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                count(_route_template(request), request.method, exc.status)
+                raise
+            response = from_http_exception(exc)
+        except (asyncio.CancelledError, ConnectionError):
+            count(_route_template(request), request.method, CLIENT_GONE_STATUS)
+            raise  # a client gone mid-stream is no error of ours: aiohttp closes quietly
+        except Exception as exc:
+            response = _error_response(request, exc)
+        count(_route_template(request), request.method, response.status)
+        return response
+
+    return errors
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    api_error = from_exception(exc)
+    if api_error is None:
+        log.exception("request_failed", method=request.method, path=request.path)
+        return error_response(500, "INTERNAL", f"internal error: {type(exc).__name__}")
+    return error_response(api_error.status, api_error.code, api_error.message, **api_error.extra)
+
+
+def _route_template(request: web.Request) -> str:
+    """The matched route's path template (`/session/{session_id}`): a label never holds an id."""
+    resource = request.match_info.route.resource
+    if resource is None or resource.name == FALLBACK_ROUTE:
+        return "other"
+    return resource.canonical
 
 
 def gate_middleware(token: str | None) -> Middleware:
@@ -87,6 +112,10 @@ async def ping(request: web.Request) -> web.Response:
     return web.Response(text="pong")
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return json_response(openapi.document())
+
+
 async def _registry_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     registry = app[REGISTRY]
@@ -123,13 +152,7 @@ async def _end_sessions_first(app: web.Application) -> None:
 
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
-    app = web.Application(
-        middlewares=[errors_middleware, gate_middleware(settings.access_token)],
-        client_max_size=settings.max_body_bytes,
-    )
-    app[SETTINGS] = settings
-    app[STARTED_AT] = time.monotonic()
-    app[REGISTRY] = Registry(
+    registry = Registry(
         RegistryConfig(
             max_sessions=settings.max_sessions,
             idle_timeout_s=settings.idle_timeout_s,
@@ -145,11 +168,21 @@ def create_app(settings: Settings | None = None) -> web.Application:
             session_cgroups=settings.session_cgroups,
         )
     )
+    app = web.Application(
+        middlewares=[errors_middleware(registry.metrics), gate_middleware(settings.access_token)],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[STARTED_AT] = time.monotonic()
+    app[REGISTRY] = registry
+    app[METRICS] = registry.metrics
     app.cleanup_ctx.append(_registry_context)
     app.on_shutdown.append(_end_sessions_first)
     app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
     app.router.add_get("/ping", ping, expect_handler=expect_continue)
+    app.router.add_get("/openapi.json", openapi_document, expect_handler=expect_continue)
     sessions.add_routes(app.router)
     runs.add_routes(app.router)
+    metrics.add_routes(app.router)
     add_fallback(app.router)
     return app

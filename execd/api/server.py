@@ -104,10 +104,13 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return web.Response(status=417, text=json.dumps(body), content_type="application/json")
 
 
+FALLBACK_ROUTE = "fallback"  # its requests are counted as route "other": a path holds ids
+
+
 def add_fallback(router: web.UrlDispatcher) -> None:
     """The last route: every path and method no other route takes, so that aiohttp's own 404 and
     405 (which answer an odd Expect header before any middleware) never serve a request."""
-    fallback = router.add_resource("/{path:.*}")
+    fallback = router.add_resource("/{path:.*}", name=FALLBACK_ROUTE)
 
     async def no_route(request: web.Request) -> web.StreamResponse:
         allowed: set[str] = set()

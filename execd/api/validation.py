@@ -9,17 +9,24 @@ import os
 import re
 import signal
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
 
 from execd import identity
+from execd.api import openapi
 from execd.api.errors import InvalidRequest, PayloadTooLarge
 from execd.api.keys import SETTINGS
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Which fields each body may carry: the OpenAPI document's request schemas say it, once.
+SESSION_FIELDS = openapi.fields_of(openapi.SESSION_REQUEST)
+RUN_FIELDS = openapi.fields_of(openapi.RUN_REQUEST)
+STDIN_FIELDS = openapi.fields_of(openapi.STDIN_REQUEST)
+INTERRUPT_FIELDS = openapi.fields_of(openapi.INTERRUPT_REQUEST)
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 
 
@@ -73,7 +80,7 @@ def _check_size(size: int, max_bytes: int) -> None:
 class Fields:
     """Typed access to a body's fields; unknown fields are refused."""
 
-    def __init__(self, body: Mapping[str, Any], allowed: set[str]) -> None:
+    def __init__(self, body: Mapping[str, Any], allowed: AbstractSet[str]) -> None:
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -215,7 +222,7 @@ class SessionSpec:
 
 
 def session_spec(body: Mapping[str, Any], default_user: identity.Identity | None) -> SessionSpec:
-    fields = Fields(body, {"cwd", "env", "idle_timeout_s", "labels", "user"})
+    fields = Fields(body, SESSION_FIELDS)
     cwd = fields.string("cwd")
     if cwd is not None and not os.path.isabs(cwd):
         raise InvalidRequest(f"'cwd': {cwd!r} must be an absolute path")
@@ -230,19 +237,6 @@ def session_spec(body: Mapping[str, Any], default_user: identity.Identity | None
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
-RUN_FIELDS = {
-    "code",
-    "command",
-    "timeout_ms",
-    "timeout",
-    "cwd",
-    "env",
-    "stdin",
-    "on_disconnect",
-    "disconnect_grace_ms",
-    "background",
-    "run_id",
-}
 
 
 @dataclass(frozen=True)
@@ -298,7 +292,7 @@ class StdinSpec:
 
 
 def stdin_spec(body: Mapping[str, Any]) -> StdinSpec:
-    fields = Fields(body, {"data", "eof"})
+    fields = Fields(body, STDIN_FIELDS)
     data = body.get("data")
     if data is not None and not isinstance(data, str):
         raise InvalidRequest("'data' must be a string")
@@ -326,7 +320,7 @@ class InterruptSpec:
 
 
 def interrupt_spec(body: Mapping[str, Any]) -> InterruptSpec:
-    fields = Fields(body, {"signal", "run_id"})
+    fields = Fields(body, INTERRUPT_FIELDS)
     name = fields.string("signal") or "SIGINT"
     if name not in SIGNALS:
         raise InvalidRequest(f"'signal': {name!r} is not one of {', '.join(SIGNALS)}")
