@@ -161,6 +161,8 @@ class Listener:
             self._server = None
 
 
+MAX_LINGERING_REFUSALS = 256  # refused connections that may wait for their client to close first
+REFUSAL_LINGER_S = 0.5
 _REFUSAL_BODY = b'{"code":"RESOURCE_EXHAUSTED","message":"too many open connections: try again later"}'
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -175,8 +177,6 @@ class _Refused(asyncio.Protocol):
     client might lose the answer."""
 
     lingering = 0
-    MAX_LINGERING = 256
-    LINGER_S = 0.5
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
@@ -187,13 +187,13 @@ class _Refused(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.limits.note("connection_refused", max_connections=self.limits.max_connections)
         transport.write(_REFUSAL)
-        if _Refused.lingering >= self.MAX_LINGERING:
+        if _Refused.lingering >= MAX_LINGERING_REFUSALS:
             transport.close()
             return
         _Refused.lingering += 1
         self.transport = transport
         transport.write_eof()
-        self.timer = asyncio.get_running_loop().call_later(self.LINGER_S, transport.close)
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
         pass  # the request is not read: it was refused
