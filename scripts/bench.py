@@ -1347,6 +1347,37 @@ def atimer(action: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[fl
     return timed
 
 
+async def client_row(daemon: Daemon, conn: Http, session_id: str, plan: Plan, results: Results) -> None:
+    """run `true` through execd.client (async, one session), turn about with the raw client."""
+    from execd.client import AsyncClient  # the checkout's own client (it is not the daemon's code)
+
+    log("run `true` through execd.client, turn about with the raw client")
+    by_client: list[float] = []
+    raw: list[float] = []
+    async with AsyncClient(f"http://{HOST}:{daemon.port}") as client:
+        session = client.session(session_id)
+        through_client, through_raw = atimer(lambda: session.run("true")), atimer(lambda: conn.run(session_id, TRUE))
+        for _ in range(plan.warmup):
+            await through_client()
+            await through_raw()
+        for _ in range(max(plan.run_true_n // 2, 1)):
+            by_client.append(await through_client())
+            raw.append(await through_raw())
+    results.add(
+        figure(
+            "client_run_true_p50",
+            "run `true` p50 through execd.client (AsyncClient)",
+            p50(ms(by_client)),
+            "ms",
+            len(by_client),
+            floor=p50(ms(raw)),
+            floor_label="run `true` p50, raw HTTP client",
+            op="<=",
+            factor=2.0,
+        )
+    )
+
+
 async def http_rows(daemon: Daemon, plan: Plan, results: Results, env: dict[str, str], peer: bool) -> None:
     """The rows measured on the main daemon, each floor measured turn about with its figure."""
     conn = await Http.open(daemon.port)
@@ -1392,6 +1423,7 @@ async def http_rows(daemon: Daemon, plan: Plan, results: Results, env: dict[str,
                 floor_label="GET /ping p99, same kind of connection",
             )
         )
+        await client_row(daemon, conn, session_id, plan, results)
         log("run `/bin/true`, turn about with a bash over pipes driven directly")
         shell = PipeBash(env)
         try:
@@ -1728,6 +1760,7 @@ def bench(
 FIGURE_NAMES = [
     "run_true_p50",
     "run_true_p99",
+    "client_run_true_p50",
     "run_bin_true_p50",
     "stdout_throughput",
     "create_first_run_p50",
