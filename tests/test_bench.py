@@ -19,6 +19,7 @@ BENCH = ROOT / "scripts" / "bench.py"
 ROWS = {
     "run_true_p50": (True, True),
     "run_true_p99": (True, False),
+    "client_run_true_p50": (True, True),
     "run_bin_true_p50": (True, True),
     "stdout_throughput": (True, True),
     "create_first_run_p50": (True, True),
