@@ -35,7 +35,7 @@ class Settings:
     log_format: str = "auto"  # auto: console in a terminal, JSON otherwise
     log_level: str = "info"
     reap_orphans: bool = True  # be a child subreaper and reap what re-parents to us
-    event_loop: str = "asyncio"  # or uvloop (the `fast` extra): see README, Performance
+    event_loop: str = "asyncio"  # or uvloop (the `fast` extra): see docs/performance.md
     run_as: str | None = None  # USER[:GROUP] every shell runs as; the daemon keeps its own user
     max_processes: int = 0  # RLIMIT_NPROC of a shell's user when it is not root; 0 = unchanged
     allow_privilege_escalation: bool = False  # keep setuid binaries working in switched shells
