@@ -86,6 +86,9 @@ class LoopErrors:
             self._log.error("event_loop_error", message=message, repeated_since_last=folded, exc_info=exc)
 
 
+_CLIENTS_FAULTS = frozenset({"RequestPayloadError"})
+
+
 class StdlibRepeats(logging.Filter):
     """The same for the standard library's loggers (aiohttp logs a traceback for each body that
     does not decode: any client could fill the log with them)."""
@@ -96,6 +99,10 @@ class StdlibRepeats(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc_type = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        if exc_type in _CLIENTS_FAULTS:
+            # A body the client sent that does not decode: its answer was a 400; a line, no traceback.
+            record.msg = f"{record.msg}: {record.exc_info[1] if record.exc_info else ''}"
+            record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
         folded = self._limit.allow(f"{record.name}:{record.msg}:{exc_type}")
         if folded:
             record.msg = f"{record.msg} (and {folded} more like it since the last line)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,17 @@ def test_a_body_that_does_not_arrive_in_time_is_a_400_naming_the_timeout(daemon:
     status, body = status_and_json(exchange(daemon, raw))
     assert (status, body["code"]) == (400, "INVALID_REQUEST")
     assert "did not arrive within 0.5 s" in body["message"]
+
+
+def test_a_body_that_does_not_decode_is_one_log_line_not_a_traceback(tmp_path: Path) -> None:
+    token, log_path = tmp_path / "token", tmp_path / "daemon.log"
+    token.write_text("guard-token")
+    raw = (
+        b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: 15\r\nConnection: close\r\n\r\nnot gzip at all"
+    )
+    with log_path.open("wb") as log, served("--access-token-file", str(token), output=log) as daemon:
+        status, body = status_and_json(exchange(daemon, raw))  # answered before the body is read
+    assert (status, body["code"]) == (401, "UNAUTHORIZED")
+    text = log_path.read_text()
+    assert "Can not decode content-encoding" in text and "Traceback" not in text
