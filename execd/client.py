@@ -24,7 +24,7 @@ import dataclasses
 import json
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -106,6 +106,10 @@ class Internal(ExecdError): ...
 
 class StreamLost(ExecdError):
     """The stream could not be resumed within the client's reconnect budget."""
+
+
+class Unreachable(ExecdError):
+    """No answer from the daemon at all (refused, reset, timed out)."""
 
 
 ERRORS: dict[str, type[ExecdError]] = {
@@ -200,7 +204,7 @@ class RunResult:
         )
 
 
-async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[Event]:
+async def _events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event, None]:
     """The SSE events of a response, as they arrive (comments, such as pings, skipped)."""
     fields: dict[str, str] = {}
     async for raw in response.content:
@@ -258,12 +262,15 @@ class AsyncClient:
         return self._http
 
     async def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        """One JSON request; an error answer raises its ExecdError."""
-        async with self.http.request(method, path, json=body) as response:
-            await _raise_for(response)
-            if response.status == 204:
-                return None
-            return await response.json()
+        """One JSON request; an error answer raises its ExecdError, no answer Unreachable."""
+        try:
+            async with self.http.request(method, path, json=body) as response:
+                await _raise_for(response)
+                if response.status == 204:
+                    return None
+                return await response.json()
+        except _CUT as exc:
+            raise Unreachable(0, "UNREACHABLE", f"{method} {self.url}{path}: {exc or type(exc).__name__}") from exc
 
     # ----- daemon and sessions ------------------------------------------------------------------
 
@@ -302,7 +309,7 @@ class AsyncClient:
 
     async def follow(
         self, session_id: str, run_id: str, start: Mapping[str, Any] | None, after: int | None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """A run's events after `after` until its terminal event, across cuts: `start` is the body
         that starts the run (POSTed, and POSTed again while nothing of it was read: its run_id
         makes that safe), None to attach to a run that exists."""
@@ -371,7 +378,7 @@ class AsyncSession:
         stdin: str | None = None,
         run_id: str | None = None,
         disconnect_grace_ms: int = RESUME_GRACE_MS,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run `code` and yield its events as they come, resuming across cuts."""
         run_id = run_id or secrets.token_hex(8)
         body = _without_none(
@@ -408,7 +415,7 @@ class AsyncSession:
         result: dict[str, Any] = await self.client.request("POST", f"/session/{self.id}/run", body)
         return result
 
-    def attach(self, run_id: str, after: int | None = None) -> AsyncIterator[Event]:
+    def attach(self, run_id: str, after: int | None = None) -> AsyncGenerator[Event, None]:
         """An existing run's events after `after` (from its start when None), live until its end."""
         return self.client.follow(self.id, run_id, None, after)
 

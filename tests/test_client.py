@@ -213,3 +213,12 @@ def test_the_blocking_client_has_the_same_shape() -> None:
             run = session.start("echo bg")
             assert session.wait(run["run_id"]).stdout == "bg\n"
         assert blocking.list_sessions() == []
+
+
+async def test_client_says_unreachable_when_nothing_answers() -> None:
+    from tests.helpers_control import free_port
+
+    async with AsyncClient(f"http://127.0.0.1:{free_port()}") as nowhere:
+        with pytest.raises(execd_client.Unreachable) as raised:
+            await nowhere.list_sessions()
+    assert raised.value.code == "UNREACHABLE"
