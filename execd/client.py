@@ -111,6 +111,8 @@ class StreamLost(ExecdError):
 class Unreachable(ExecdError):
     """No answer from the daemon at all (refused, reset, timed out)."""
 
+    CODE = "UNREACHABLE"  # not a contract code: no answer carried one
+
 
 ERRORS: dict[str, type[ExecdError]] = {
     "INVALID_REQUEST": InvalidRequest,
@@ -270,7 +272,7 @@ class AsyncClient:
                     return None
                 return await response.json()
         except _CUT as exc:
-            raise Unreachable(0, "UNREACHABLE", f"{method} {self.url}{path}: {exc or type(exc).__name__}") from exc
+            raise Unreachable(0, Unreachable.CODE, f"{method} {self.url}{path}: {exc or type(exc).__name__}") from exc
 
     # ----- daemon and sessions ------------------------------------------------------------------
 
