@@ -147,6 +147,17 @@ class RegistryConfig:
     session_cgroups: bool = True
 
 
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a new session is asked to be (each None: the daemon's default)."""
+
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    idle_timeout_s: float | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    user: identity.Identity | None = None
+
+
 class Session:
     """One shell plus what the contract says about it."""
 
@@ -420,20 +431,13 @@ class Registry:
     def readers_attached(self) -> int:
         return sum(run.reader_count for session in self.sessions.values() for run in session.runs.values())
 
-    async def create(
-        self,
-        cwd: str | None,
-        env: Mapping[str, str],
-        idle_timeout_s: float | None,
-        labels: Mapping[str, str],
-        user: identity.Identity | None = None,
-    ) -> Session:
+    async def create(self, options: SessionOptions) -> Session:
         if self.shutting_down:
             raise ShuttingDown()
         if self.live_count() >= self.config.max_sessions:
             raise TooManySessions(self.config.max_sessions)
         session_id = secrets.token_hex(12)
-        user = user or self.config.run_as
+        user, cwd, env = options.user or self.config.run_as, options.cwd, options.env
         login = user.environment() if user is not None else {}
         shell = Shell(
             ShellConfig(
@@ -452,8 +456,8 @@ class Registry:
                 events=self.metrics,
             )
         )
-        timeout = self.config.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
-        session = Session(session_id, shell, timeout, labels)
+        timeout = self.config.idle_timeout_s if options.idle_timeout_s is None else options.idle_timeout_s
+        session = Session(session_id, shell, timeout, options.labels)
         session.on_ended = self._on_session_ended
         self.metrics.session_created()
         shell.on_exit = lambda _shell: self._on_shell_exit(session)
@@ -465,17 +469,10 @@ class Registry:
         await asyncio.shield(self.spawn(self._start(session)))
         return session
 
-    async def open(
-        self,
-        cwd: str | None,
-        env: Mapping[str, str],
-        idle_timeout_s: float | None,
-        labels: Mapping[str, str],
-        user: identity.Identity | None = None,
-    ) -> Session:
+    async def open(self, options: SessionOptions) -> Session:
         """Create a session for a client: one whose shell could not start is not kept (the client
         never learns its id) and is a SessionStartFailed."""
-        session = await self.create(cwd, env, idle_timeout_s, labels, user)
+        session = await self.create(options)
         if session.start_error is not None:
             self.sessions.pop(session.id, None)
             self._tell_watchdog("-" + session.id)

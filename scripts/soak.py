@@ -63,6 +63,8 @@ import aiohttp
 import psutil
 from bench import HOST, SESSION_TAG, Daemon, _describe  # scripts/ is on sys.path when this file is run
 
+from execd.process import tag_of
+
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1000 * 1000
 RUN_LOG_BYTES = 1024 * 1024  # the daemon's default EXECD_RUN_LOG_BYTES: what a run's log keeps at most
@@ -130,19 +132,6 @@ class Leftover:
     why: str  # "tagged" (a deleted session's tag), "marked" (our sleep), "daemon_tree", "zombie"
     session_id: str | None
     cmdline: str
-
-
-def read_environ_tag(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-    except OSError:
-        return None
-    key = SESSION_TAG.encode() + b"="
-    for entry in environ.split(b"\0"):
-        if entry.startswith(key):
-            return entry[len(key) :].decode(errors="replace")
-    return None
 
 
 def describe(pid: int) -> tuple[int, str, str]:
@@ -239,7 +228,7 @@ class Probe:
             if not entry.isdigit() or int(entry) == own:
                 continue
             pid = int(entry)
-            tag = read_environ_tag(pid)
+            tag = tag_of(pid)
             why = ""
             if tag is not None and tag in dead_ids:
                 why = "tagged"
@@ -262,7 +251,7 @@ class Probe:
                 if state == "gone":
                     continue
                 why = "zombie" if state == psutil.STATUS_ZOMBIE else "daemon_tree"
-                found[proc.pid] = Leftover(proc.pid, ppid, state, why, read_environ_tag(proc.pid), cmdline)
+                found[proc.pid] = Leftover(proc.pid, ppid, state, why, tag_of(proc.pid), cmdline)
         return sorted(found.values(), key=lambda item: item.pid)
 
     def figures(self) -> dict[str, Any]:

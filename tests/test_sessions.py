@@ -12,7 +12,7 @@ import pytest
 import execd
 from execd.api.errors import from_exception
 from execd.api.keys import REGISTRY
-from execd.registry import SessionStartFailed
+from execd.registry import SessionOptions, SessionStartFailed
 from tests.conftest import Daemon, DaemonFactory, read_run
 from tests.helpers_core import SESSION_FIELDS, expect_error, get_session
 
@@ -179,7 +179,7 @@ async def test_a_shell_that_cannot_start_makes_a_failed_session(daemon: Daemon, 
     gone.mkdir()
     # The directory passes validation, then vanishes before the shell can `cd` into it.
     registry = daemon.app[REGISTRY]
-    session_task = asyncio.ensure_future(registry.create(str(gone), {}, None, {}))
+    session_task = asyncio.ensure_future(registry.create(SessionOptions(cwd=str(gone))))
     gone.rmdir()
     session = await session_task
     assert session.state == "failed", (session.state, session.reason)
@@ -194,7 +194,7 @@ async def test_a_shell_that_cannot_start_is_a_503_session_start_failed_and_is_no
     gone.mkdir()
     registry = daemon.app[REGISTRY]
     # As above, through the route's own entry point and the one map from errors to the contract.
-    attempt = asyncio.ensure_future(registry.open(str(gone), {}, None, {}))
+    attempt = asyncio.ensure_future(registry.open(SessionOptions(cwd=str(gone))))
     gone.rmdir()
     with pytest.raises(SessionStartFailed) as failed:
         await attempt

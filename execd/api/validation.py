@@ -19,6 +19,7 @@ from execd import identity
 from execd.api import openapi
 from execd.api.errors import InvalidRequest, PayloadTooLarge
 from execd.api.keys import SETTINGS
+from execd.registry import SessionOptions
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -212,22 +213,13 @@ def labels(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-@dataclass(frozen=True)
-class SessionSpec:
-    cwd: str | None
-    env: dict[str, str]
-    idle_timeout_s: float | None
-    labels: dict[str, str]
-    user: identity.Identity | None  # None: the daemon's default
-
-
-def session_spec(body: Mapping[str, Any], default_user: identity.Identity | None) -> SessionSpec:
+def session_spec(body: Mapping[str, Any], default_user: identity.Identity | None) -> SessionOptions:
     fields = Fields(body, SESSION_FIELDS)
     cwd = fields.string("cwd")
     if cwd is not None and not os.path.isabs(cwd):
         raise InvalidRequest(f"'cwd': {cwd!r} must be an absolute path")
     who = user(body.get("user"))
-    return SessionSpec(
+    return SessionOptions(
         cwd=directory("cwd", cwd, "/", who or default_user),
         env=fields.string_map("env", env_names=True),
         idle_timeout_s=fields.number("idle_timeout_s"),
