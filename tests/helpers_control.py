@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,17 +221,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(*args: str, env: dict[str, str] | None = None, output: Any = subprocess.DEVNULL) -> Iterator[ServedDaemon]:
+def served(
+    *args: str, env: dict[str, str] | None = None, output: Any = subprocess.DEVNULL, prefix: Sequence[str] = ()
+) -> Iterator[ServedDaemon]:
     """`python -m execd serve` on a free loopback port, from a blocking test, once /healthz answers;
-    SIGTERM at the end, after which it must exit 0. `env` adds to the environment minus EXECD_*."""
+    SIGTERM at the end, after which it must exit 0. `env` adds to the environment minus EXECD_*;
+    `prefix` runs the daemon under another command (`unshare …`)."""
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        [*prefix, sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=REPO,
         env={**base, **(env or {})},
         stdout=output,
         stderr=subprocess.STDOUT,
+        start_new_session=bool(prefix),  # the signal goes to the group: the prefix may not pass it on
     )
     try:
         deadline = time.monotonic() + 15
@@ -240,7 +244,10 @@ def served(*args: str, env: dict[str, str] | None = None, output: Any = subproce
             time.sleep(0.05)
         yield ServedDaemon(proc, port)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if prefix:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
     assert proc.returncode == 0
 

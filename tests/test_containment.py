@@ -7,14 +7,14 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from execd import process
+from execd.client import Client
 from tests.conftest import wait_for
-from tests.helpers_control import DaemonProcess, is_live, require_cgroups, require_root, subprocess_daemons
+from tests.helpers_control import DaemonProcess, is_live, require_cgroups, require_root, served, subprocess_daemons
 
 # Leaves the shell's tree, process group and session, and carries no tag.
 UNTAGGED_ESCAPEE = "env -i setsid sleep 1000.25 </dev/null >/dev/null 2>&1 & echo $!"
@@ -108,21 +108,20 @@ def test_pid_after_counts_across_the_wrap_around() -> None:
     assert process.pid_after(1001, 1000) and not process.pid_after(1000, 1000) and not process.pid_after(999, 1000)
 
 
-async def test_pid_wrap_around_does_not_hide_a_runs_processes_from_its_timeout(daemon_process: Any) -> None:
-    require_root("setting the kernel's last pid")
-    daemon: DaemonProcess = await daemon_process()
-    session = await daemon.create()
-    top = process._pid_max()
-    for _ in range(5):  # another process may take the pids between the write and the run
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(top - 2))  # noqa: ASYNC240
-        stream = await daemon.run(session["session_id"], "sleep 30 & echo $!; wait", timeout_ms=300)
-        terminal = stream.events[-1]
-        assert terminal.type == "execution_complete", terminal
-        assert terminal.data["timed_out"] is True
-        if int(stream.stdout) < top - 2:
-            break  # the run's child got a pid from past the wrap-around
-    else:
-        pytest.fail("the run's child never got a wrapped pid")
-    assert daemon.http is not None
-    async with daemon.http.get(f"/session/{session['session_id']}") as response:
-        assert (await response.json())["state"] == "idle"
+def test_pid_wrap_around_does_not_hide_a_runs_processes_from_its_timeout() -> None:
+    """In a pid namespace of its own (the last pid it sets is that namespace's, not the host's):
+    the shell sets the last pid near pid_max, and the next run's child gets a pid past the wrap."""
+    require_root("a pid namespace of the daemon's own")
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+    with served(prefix=unshare) as daemon, Client(daemon.url) as client, client.create_session() as session:
+        top = int(session.run("cat /proc/sys/kernel/pid_max").stdout)
+        for _ in range(5):  # a thread of the daemon may take the pids between the two runs
+            session.run(f"echo {top - 1} > /proc/sys/kernel/ns_last_pid")  # the next pid wraps
+            # In the foreground, as in the field: bash holds its interrupt trap until the child ends.
+            result = session.run("sh -c 'echo $$; exec sleep 30'", timeout_ms=300)
+            assert result.timed_out and result.exit_code == 130, result
+            if int(result.stdout) < top - 1:
+                break  # the run's child got a pid from past the wrap-around
+        else:
+            pytest.fail("the run's child never got a wrapped pid")
+        assert client.get_session(session.id)["state"] == "idle"
