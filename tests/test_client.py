@@ -222,3 +222,35 @@ async def test_client_says_unreachable_when_nothing_answers() -> None:
         with pytest.raises(execd_client.Unreachable) as raised:
             await nowhere.list_sessions()
     assert raised.value.code == "UNREACHABLE"
+
+
+def test_client_has_an_error_class_for_every_code_the_daemon_answers() -> None:
+    from tests.test_docs import error_codes
+
+    run_endings = {"SESSION_DIED", "SESSION_CLOSED"}  # only in a run's `error` event, never an answer
+    missing = error_codes() - run_endings - set(execd_client.ERRORS)
+    assert not missing, f"codes with no ExecdError subclass: {missing}"
+
+
+async def test_client_raises_conflict_size_and_reader_errors(make_daemon: DaemonFactory) -> None:
+    daemon = await make_daemon(max_body_bytes=4096, max_readers=1, interrupt_grace_ms=500)
+    async with AsyncClient(url_of(daemon)) as aio, await aio.create_session() as session:
+        await session.run("true", run_id="fixed")
+        with pytest.raises(execd_client.RunIdConflict):
+            await session.run("false", run_id="fixed")
+        with pytest.raises(execd_client.PayloadTooLarge):
+            await session.run("#" * 8192)
+        run = await session.start("sleep 30")
+        first = session.attach(run["run_id"])
+        await first.__anext__()  # one reader attached: the limit
+        with pytest.raises(execd_client.TooManyReaders):
+            await session.attach(run["run_id"]).__anext__()
+        await first.aclose()
+        await session.interrupt(signal="SIGKILL")
+        await session.wait(run["run_id"])
+        fed = await aio.request(
+            "POST", f"/session/{session.id}/run", {"code": "true", "stdin": "stream", "background": True}
+        )
+        await session.wait(fed["run_id"])
+        with pytest.raises(execd_client.RunFinished):
+            await session.write_stdin(fed["run_id"], "late")

@@ -70,7 +70,7 @@ def test_every_route_is_in_the_api_doc(method: str, path: str) -> None:
     assert pattern.search(API_DOC.read_text()), f"`{method} {path}` is served but not in docs/api.md"
 
 
-def _error_codes() -> set[str]:
+def error_codes() -> set[str]:
     """Every error code the daemon can answer or end a run with: the constants of the one map from
     errors to codes (execd/api/errors.py), and the codes given literally anywhere in the package
     (to `ApiError`, `error_response` or `Aborted`, or as a `"code"` in a body)."""
@@ -103,13 +103,13 @@ def _error_codes() -> set[str]:
 
 
 def test_the_error_codes_are_found_in_the_code() -> None:
-    codes = _error_codes()
+    codes = error_codes()
     # A few the contract names, found by reading the modules: the scan itself works.
     assert {"INVALID_REQUEST", "SESSION_NOT_FOUND", "UNAUTHORIZED", "SESSION_DIED", "RESOURCE_EXHAUSTED"} <= codes
     assert all(CODE_NAME.match(code) for code in codes), codes
 
 
-@pytest.mark.parametrize("code", sorted(_error_codes()))
+@pytest.mark.parametrize("code", sorted(error_codes()))
 def test_every_error_code_is_in_the_api_doc(code: str) -> None:
     assert re.search(rf"`{code}`", API_DOC.read_text()), f"error code {code} is not in docs/api.md"
 
