@@ -244,12 +244,22 @@ def served(
             time.sleep(0.05)
         yield ServedDaemon(proc, port)
     finally:
-        if prefix:
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        _stop(proc, signal.SIGTERM, group=bool(prefix))
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _stop(proc, signal.SIGKILL, group=bool(prefix))  # never left running past the test
+            proc.wait()
+            raise
     assert proc.returncode == 0
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
 
 
 @dataclasses.dataclass(frozen=True)
