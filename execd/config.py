@@ -44,6 +44,7 @@ class Settings:
     request_timeout_s: float = 30.0  # a request's headers and body must arrive within it
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after it
     metrics_port: int = 0  # also serve /metrics with no token on this port of the same host; 0 = off
+    opensandbox_at_root: bool = False  # the OpenSandbox adapter also at / (then /session* speak its dialect)
 
     def __post_init__(self) -> None:
         """Every value in its range: a bad flag or variable stops the daemon at start, by name."""

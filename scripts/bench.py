@@ -1378,6 +1378,42 @@ async def client_row(daemon: Daemon, conn: Http, session_id: str, plan: Plan, re
     )
 
 
+async def opensandbox_row(daemon: Daemon, conn: Http, session_id: str, plan: Plan, results: Results) -> None:
+    """The unmodified opensandbox SDK's `commands.run("true")` through the adapter at /opensandbox (a
+    fresh session per command, closed after it), turn about with a native run of `true`."""
+    from datetime import timedelta
+
+    from opensandbox.adapters.command_adapter import CommandsAdapter
+    from opensandbox.config import ConnectionConfig
+    from opensandbox.models.sandboxes import SandboxEndpoint
+
+    log("commands.run(`true`) through the opensandbox SDK, turn about with a native run of `true`")
+    endpoint = SandboxEndpoint(endpoint=f"{HOST}:{daemon.port}/opensandbox")
+    commands = CommandsAdapter(ConnectionConfig(request_timeout=timedelta(seconds=30)), endpoint)
+    through_sdk, through_raw = atimer(lambda: commands.run("true")), atimer(lambda: conn.run(session_id, TRUE))
+    by_sdk: list[float] = []
+    raw: list[float] = []
+    for _ in range(plan.warmup):
+        await through_sdk()
+        await through_raw()
+    for _ in range(max(plan.run_true_n // 2, 1)):
+        by_sdk.append(await through_sdk())
+        raw.append(await through_raw())
+    results.add(
+        figure(
+            "opensandbox_run_true_p50",
+            "opensandbox SDK commands.run(`true`) p50 through /opensandbox (OpenSandbox's own execd: ~1 s)",
+            p50(ms(by_sdk)),
+            "ms",
+            len(by_sdk),
+            floor=p50(ms(raw)),
+            floor_label="run `true` p50, raw HTTP client, native route",
+            op="<=",
+            factor=20.0,
+        )
+    )
+
+
 async def http_rows(daemon: Daemon, plan: Plan, results: Results, env: dict[str, str], peer: bool) -> None:
     """The rows measured on the main daemon, each floor measured turn about with its figure."""
     conn = await Http.open(daemon.port)
@@ -1424,6 +1460,7 @@ async def http_rows(daemon: Daemon, plan: Plan, results: Results, env: dict[str,
             )
         )
         await client_row(daemon, conn, session_id, plan, results)
+        await opensandbox_row(daemon, conn, session_id, plan, results)
         log("run `/bin/true`, turn about with a bash over pipes driven directly")
         shell = PipeBash(env)
         try:
@@ -1761,6 +1798,7 @@ FIGURE_NAMES = [
     "run_true_p50",
     "run_true_p99",
     "client_run_true_p50",
+    "opensandbox_run_true_p50",
     "run_bin_true_p50",
     "stdout_throughput",
     "create_first_run_p50",

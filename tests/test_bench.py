@@ -20,6 +20,7 @@ ROWS = {
     "run_true_p50": (True, True),
     "run_true_p99": (True, False),
     "client_run_true_p50": (True, True),
+    "opensandbox_run_true_p50": (True, True),
     "run_bin_true_p50": (True, True),
     "stdout_throughput": (True, True),
     "create_first_run_p50": (True, True),

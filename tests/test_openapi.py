@@ -23,14 +23,16 @@ EXAMPLES_PER_OPERATION = 25
 
 
 def served_routes(app: web.Application) -> set[tuple[str, str]]:
-    """(METHOD, path template) of every route the app serves, but HEAD (aiohttp adds one per GET)
-    and the fallback that answers JSON 404/405 for everything else."""
+    """(METHOD, path template) of every route the app serves, but HEAD (aiohttp adds one per GET),
+    the fallback that answers JSON 404/405 for everything else, and a mounted sub-application's: it
+    speaks another API's dialect (the OpenSandbox adapter, docs/opensandbox.md), not this contract."""
     routes = set()
-    for route in app.router.routes():
-        path = route.resource.canonical if route.resource is not None else ""
-        if route.method in ("HEAD", "*"):
+    for resource in app.router.resources():
+        if isinstance(resource, web.PrefixedSubAppResource):
             continue
-        routes.add((route.method, path))
+        for route in resource:
+            if route.method not in ("HEAD", "*"):
+                routes.add((route.method, resource.canonical))
     return routes
 
 

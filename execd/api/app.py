@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from execd import __version__, identity, ladder, process
-from execd.api import metrics, openapi, runs, sessions
+from execd.api import metrics, openapi, opensandbox, runs, sessions
 from execd.api.errors import error_response, from_exception, from_http_exception, json_response
 from execd.api.keys import METRICS, REGISTRY, SETTINGS, STARTED_AT
 from execd.api.server import FALLBACK_ROUTE, add_fallback, expect_continue, mark_head_received
@@ -25,7 +25,7 @@ from execd.run import RunLimits
 
 log = get_logger("execd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = frozenset({"/healthz", "/ping"})
+OPEN_PATHS = frozenset({"/healthz", "/ping", opensandbox.PREFIX + "/ping"})
 
 
 def errors_middleware(metrics: Metrics) -> Middleware:
@@ -181,8 +181,12 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
     app.router.add_get("/ping", ping, expect_handler=expect_continue)
     app.router.add_get("/openapi.json", openapi_document, expect_handler=expect_continue)
+    app[opensandbox.COMMANDS] = opensandbox.Commands()
+    if settings.opensandbox_at_root:
+        opensandbox.add_routes(app.router)  # first: where paths collide (`/session*`), its routes win
     sessions.add_routes(app.router)
     runs.add_routes(app.router)
     metrics.add_routes(app.router)
+    app.add_subapp(opensandbox.PREFIX, opensandbox.subapp(app))
     add_fallback(app.router)
     return app

@@ -7,6 +7,7 @@ anyone reads it; a stream only sends the frames after its cursor, batched, with 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -61,14 +62,18 @@ def _cursor(request: web.Request, run: Run) -> int:
     return NO_CURSOR if seq is None else seq
 
 
-async def stream(request: web.Request, run: Run, after: int) -> web.StreamResponse:
+# The terminal event as another dialect writes it (the OpenSandbox adapter): None keeps the run's own.
+Terminal = Callable[[Run], bytes | None]
+
+
+async def stream(request: web.Request, run: Run, after: int, terminal: Terminal | None = None) -> web.StreamResponse:
     """The run's events after `after`, live until the terminal event."""
     if run.log.finished and after == run.log.last_seq:
         return web.Response(status=204)  # nothing more will come: an EventSource stops here
     reader = run.attach(after)
     response = LazyResponse(request)
     try:
-        await _pump(reader, response, request.app[SETTINGS].sse_ping_s)
+        await _pump(reader, response, request.app[SETTINGS].sse_ping_s, _rewrite(run, terminal))
         return response.sent
     except Exception as exc:
         if isinstance(exc, ConnectionError):
@@ -79,7 +84,13 @@ async def stream(request: web.Request, run: Run, after: int) -> web.StreamRespon
         reader.detach()
 
 
-async def _pump(reader: Reader, response: LazyResponse, ping_s: float) -> None:
+def _rewrite(run: Run, terminal: Terminal | None) -> Callable[[], bytes | None] | None:
+    return None if terminal is None else lambda: terminal(run)
+
+
+async def _pump(
+    reader: Reader, response: LazyResponse, ping_s: float, terminal: Callable[[], bytes | None] | None = None
+) -> None:
     """Send the log's frames after the reader's cursor until the terminal event."""
     runlog = reader.log
     taken = reader.cursor
@@ -89,6 +100,10 @@ async def _pump(reader: Reader, response: LazyResponse, ping_s: float) -> None:
     catching_up = True  # what the log held when the reader came is sent at once (a resume)
     while True:
         part = runlog.after(taken)
+        if terminal is not None and part.frames and runlog.finished and part.last_seq == runlog.last_seq:
+            replaced = terminal()  # the last frame is the terminal event
+            if replaced is not None:
+                part.frames[-1] = (replaced,)
         if part.frames:
             if not pending:
                 oldest = time.monotonic()
