@@ -295,13 +295,18 @@ async def test_exited_session_is_forgotten_after_its_idle_timeout(daemon: Daemon
 # ----- resources -------------------------------------------------------------------------------
 
 
+SLEEPS = ["sleep 300", "sleep 301", "sleep 302"]
+
+
 async def test_resources_count_the_whole_tree_including_escapees(daemon: Daemon) -> None:
     session = await daemon.create()
     sid = session["session_id"]
     _, body = await get(daemon, sid)
     assert body["resources"]["num_processes"] == 1
     await daemon.run(sid, "setsid sleep 300 >/dev/null 2>&1 & sleep 301 & ( (sleep 302 &) & )")
-    await poll(lambda: len(session_processes(sid)) == 4, 5, "shell + three sleeps")
+    # Exactly these four: the subshells of the double fork are tagged too while they live.
+    await poll(lambda: sorted(c for c in session_commands(sid) if c.startswith("sleep")) == SLEEPS, 5, "3 sleeps")
+    await poll(lambda: len(session_processes(sid)) == 4, 5, "shell + three sleeps, nothing else")
     _, body = await get(daemon, sid)
     resources = body["resources"]
     assert resources["num_processes"] == 4, resources
