@@ -227,3 +227,32 @@ async def test_at_root_the_session_routes_speak_opensandbox() -> None:
         execution = await commands.run_in_session(session, "exit 3")
         assert execution.exit_code == 3
         assert (await commands.run("echo root")).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"command": "env", "envs": {"EXECD_SESSION_ID": "x"}},
+        {"command": "env", "envs": {"BASH_ENV": "/tmp/evil"}},
+        {"command": "env", "envs": {"not a name": "1"}},
+        {"command": "echo a\u0000b"},
+        {"argv": ["echo", "a\u0000b"]},
+        {"command": "pwd", "cwd": "/no/such/dir"},
+    ],
+    ids=["session-tag", "bash-env", "bad-name", "nul-command", "nul-argv", "missing-cwd"],
+)
+def test_a_command_body_gets_the_native_checks(daemon: ServedDaemon, body: dict[str, object]) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{daemon.url}/opensandbox/command",
+        data=json.dumps(body).encode(),
+        headers={"X-EXECD-ACCESS-TOKEN": TOKEN, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    assert json.loads(refused.value.read())["code"] == "INVALID_REQUEST"

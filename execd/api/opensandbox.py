@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shlex
 import signal
 import time
@@ -26,7 +25,7 @@ from execd.api import runs, sessions
 from execd.api.errors import ApiError, InvalidRequest, json_response
 from execd.api.keys import REGISTRY, SETTINGS
 from execd.api.server import expect_continue
-from execd.api.validation import read_json
+from execd.api.validation import Fields, directory, read_json
 from execd.registry import NoActiveRun, Registry, Session, SessionOptions, SessionState
 from execd.run import Aborted, Completed, Run, RunRequest, rfc3339
 from execd.runlog import NO_CURSOR
@@ -91,11 +90,14 @@ def terminal(run: Run) -> bytes | None:
 # ----- requests ---------------------------------------------------------------------------------
 
 
+def _fields(body: Mapping[str, Any]) -> Fields:
+    """The native checks of strings and env (NUL, lone surrogates, names the daemon keeps for
+    itself); OpenSandbox's bodies carry fields we do not read, so none is refused as unknown."""
+    return Fields(body, frozenset(body))
+
+
 def _string(body: Mapping[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise InvalidRequest(f"'{name}' must be a string")
-    return value or None
+    return _fields(body).string(name) or None
 
 
 def _timeout_ms(body: Mapping[str, Any]) -> int:
@@ -120,17 +122,12 @@ def _code(body: Mapping[str, Any]) -> str:
 
 
 def _envs(body: Mapping[str, Any]) -> dict[str, str]:
-    envs = body.get("envs") or {}
-    if not isinstance(envs, dict) or not all(isinstance(v, str) for v in envs.values()):
-        raise InvalidRequest("'envs' must be an object of strings")
-    return envs
+    return _fields(body).string_map("envs", env_names=True)
 
 
-def _cwd(body: Mapping[str, Any]) -> str | None:
-    cwd = _string(body, "cwd")
-    if cwd is not None and not os.path.isdir(cwd):
-        raise InvalidRequest(f"'cwd': {cwd!r} is not a directory")
-    return cwd
+def _cwd(body: Mapping[str, Any], base: str, user: identity.Identity | None) -> str | None:
+    """An existing directory the shell's user may enter (relative ones from `base`)."""
+    return directory("cwd", _string(body, "cwd"), base, user)
 
 
 def _user(body: Mapping[str, Any], registry: Registry) -> identity.Identity | None:
@@ -164,7 +161,7 @@ async def run_in_session(request: web.Request) -> web.StreamResponse:
     code = _string(body, "command")
     if code is None or not code.strip():
         raise InvalidRequest("'command' is required")
-    run_request = RunRequest(code, _cwd(body))
+    run_request = RunRequest(code, _cwd(body, session.shell.cwd, session.user))
     run, _ = registry.start_run(session, run_request, None, _timeout_ms(body))
     return await runs.stream(request, run, NO_CURSOR, terminal)
 
@@ -174,7 +171,8 @@ async def run_command(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     body = await read_json(request)
     code, background = _code(body), body.get("background") is True
-    options = SessionOptions(cwd=_cwd(body), env=_envs(body), user=_user(body, registry))
+    user = _user(body, registry)
+    options = SessionOptions(cwd=_cwd(body, "/", user or registry.config.run_as), env=_envs(body), user=user)
     session = await registry.open(options)
     try:
         run_request = RunRequest(code, background=background, on_disconnect="continue" if background else "interrupt")
