@@ -86,13 +86,19 @@ async def test_a_timeout_ends_the_run_with_an_error(commands: CommandsAdapter) -
     await commands.delete_session(session)
 
 
-async def test_exit_in_a_session_reports_its_code(commands: CommandsAdapter) -> None:
+async def test_exit_in_a_session_reports_its_code_and_the_session_goes_on(commands: CommandsAdapter) -> None:
     session = await commands.create_session()
+    await commands.run_in_session(session, "cd /tmp; X=gone")
     execution = await commands.run_in_session(session, "exit 4")
     assert execution.exit_code == 4
+    # As with OpenSandbox's execd (a bash per run): the session goes on, in the cwd it had; the
+    # shell's variables are gone with the shell that exited.
+    after = await commands.run_in_session(session, 'echo "$PWD ${X-unset}"')
+    assert (after.exit_code, stdout(after)) == (0, "/tmp unset\n")
+    await commands.delete_session(session)
     with pytest.raises(SandboxApiException) as raised:
         await commands.run_in_session(session, "true")
-    assert raised.value.status_code == 410  # the shell is gone: the session has ended
+    assert raised.value.status_code == 404
 
 
 async def test_busy_and_unknown_sessions_are_errors(commands: CommandsAdapter) -> None:

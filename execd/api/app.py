@@ -182,6 +182,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/ping", ping, expect_handler=expect_continue)
     app.router.add_get("/openapi.json", openapi_document, expect_handler=expect_continue)
     app[opensandbox.COMMANDS] = opensandbox.Commands()
+    app[opensandbox.SHELLS] = opensandbox.Shells()
     if settings.opensandbox_at_root:
         opensandbox.add_routes(app.router)  # first: where paths collide (`/session*`), its routes win
     sessions.add_routes(app.router)

@@ -52,6 +52,35 @@ class Commands:
 COMMANDS = web.AppKey("opensandbox_commands", Commands)
 
 
+class Shells:
+    """OpenSandbox's sessions outlive an `exit` (it starts a bash per run); ours end with their
+    shell. A session id the SDK holds names the session that replaced it after an `exit`, one
+    that starts in the cwd where the ended one stopped."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, str] = {}  # the SDK's session id -> the session now serving it
+
+    def resolve(self, session_id: str) -> str:
+        return self.current.get(session_id, session_id)
+
+    async def live(self, registry: Registry, session_id: str) -> Session:
+        """The session serving `session_id`, with a new shell if the last one exited by itself."""
+        session = registry.get(self.resolve(session_id))
+        if session.state != SessionState.EXITED:
+            return session
+        options = SessionOptions(cwd=session.shell.cwd, labels=session.labels, user=session.shell.config.user)
+        replacement = await registry.open(options)
+        self.current[session_id] = replacement.id
+        await registry.delete(session.id)
+        return replacement
+
+    def forget(self, session_id: str) -> str:
+        return self.current.pop(session_id, session_id)
+
+
+SHELLS = web.AppKey("opensandbox_shells", Shells)
+
+
 # ----- the wire: OpenSandbox's events -----------------------------------------------------------
 
 
@@ -156,7 +185,7 @@ async def ping(request: web.Request) -> web.Response:
 
 async def run_in_session(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
-    session = registry.get(request.match_info["session_id"])
+    session = await request.app[SHELLS].live(registry, request.match_info["session_id"])
     body = await read_json(request)
     code = _string(body, "command")
     if code is None or not code.strip():
@@ -257,8 +286,9 @@ async def interrupt_command(request: web.Request) -> web.Response:
     target = request.query.get("id", "")
     if not target:
         raise InvalidRequest("the query parameter 'id' is required")
-    session = registry.sessions.get(target)
+    session = registry.sessions.get(request.app[SHELLS].resolve(target))
     if session is not None:
+        request.app[SHELLS].forget(target)
         _interrupt(registry, session, None)
         await registry.delete(session.id)
         return web.Response()
@@ -267,6 +297,11 @@ async def interrupt_command(request: web.Request) -> web.Response:
     if run.running and owner is not None:
         _interrupt(registry, owner, run.run_id)
     return web.Response()
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    session_id = request.app[SHELLS].forget(request.match_info["session_id"])
+    return json_response(await request.app[REGISTRY].delete(session_id))
 
 
 def _interrupt(registry: Registry, session: Session, run_id: str | None) -> None:
@@ -284,7 +319,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
         ("GET", "/ping", ping),
         ("POST", "/session", sessions.create_session),
         ("POST", "/session/{session_id}/run", run_in_session),
-        ("DELETE", "/session/{session_id}", sessions.delete_session),
+        ("DELETE", "/session/{session_id}", delete_session),
         ("POST", "/command", run_command),
         ("DELETE", "/command", interrupt_command),
         ("GET", "/command/status/{id}", command_status),
@@ -300,5 +335,6 @@ def subapp(parent: web.Application) -> web.Application:
     app[REGISTRY] = parent[REGISTRY]
     app[SETTINGS] = parent[SETTINGS]
     app[COMMANDS] = parent[COMMANDS]
+    app[SHELLS] = parent[SHELLS]
     add_routes(app.router)
     return app
