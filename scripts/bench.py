@@ -1329,6 +1329,20 @@ async def interleaved(
     return values, floors
 
 
+async def turn_about(
+    first: Callable[[], Awaitable[float]], second: Callable[[], Awaitable[float]], n: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """`n` timings of two async actions, taken turn about so both see the same machine load."""
+    for _ in range(warmup):
+        await first()
+        await second()
+    firsts, seconds = [], []
+    for _ in range(n):
+        firsts.append(await first())
+        seconds.append(await second())
+    return firsts, seconds
+
+
 def timer(action: Callable[[], object]) -> Callable[[], float]:
     def timed() -> float:
         start = time.perf_counter()
@@ -1352,17 +1366,14 @@ async def client_row(daemon: Daemon, conn: Http, session_id: str, plan: Plan, re
     from execd.client import AsyncClient  # the checkout's own client (it is not the daemon's code)
 
     log("run `true` through execd.client, turn about with the raw client")
-    by_client: list[float] = []
-    raw: list[float] = []
     async with AsyncClient(f"http://{HOST}:{daemon.port}") as client:
         session = client.session(session_id)
-        through_client, through_raw = atimer(lambda: session.run("true")), atimer(lambda: conn.run(session_id, TRUE))
-        for _ in range(plan.warmup):
-            await through_client()
-            await through_raw()
-        for _ in range(max(plan.run_true_n // 2, 1)):
-            by_client.append(await through_client())
-            raw.append(await through_raw())
+        by_client, raw = await turn_about(
+            atimer(lambda: session.run("true")),
+            atimer(lambda: conn.run(session_id, TRUE)),
+            max(plan.run_true_n // 2, 1),
+            plan.warmup,
+        )
     results.add(
         figure(
             "client_run_true_p50",
@@ -1394,15 +1405,12 @@ async def opensandbox_row(daemon: Daemon, conn: Http, session_id: str, plan: Pla
     log("commands.run(`true`) through the opensandbox SDK, turn about with a native run of `true`")
     endpoint = SandboxEndpoint(endpoint=f"{HOST}:{daemon.port}/opensandbox")
     commands = CommandsAdapter(ConnectionConfig(request_timeout=timedelta(seconds=30)), endpoint)
-    through_sdk, through_raw = atimer(lambda: commands.run("true")), atimer(lambda: conn.run(session_id, TRUE))
-    by_sdk: list[float] = []
-    raw: list[float] = []
-    for _ in range(plan.warmup):
-        await through_sdk()
-        await through_raw()
-    for _ in range(max(plan.run_true_n // 2, 1)):
-        by_sdk.append(await through_sdk())
-        raw.append(await through_raw())
+    by_sdk, raw = await turn_about(
+        atimer(lambda: commands.run("true")),
+        atimer(lambda: conn.run(session_id, TRUE)),
+        max(plan.run_true_n // 2, 1),
+        plan.warmup,
+    )
     # Each command's session is closed after it, in the background: let those closes end before
     # the next rows measure this daemon.
     deadline = time.monotonic() + 30
