@@ -68,6 +68,7 @@ class SessionCgroups:
         reaped), woken by the kernel's notice on `cgroup.events`."""
         watched: list[int] = []
         poller = select.poll()
+        pending = 0
         try:
             for session_id in session_ids:
                 try:
@@ -75,9 +76,9 @@ class SessionCgroups:
                 except FileNotFoundError:
                     continue
                 watched.append(fd)
-                if _populated(fd):
+                if _populated(fd):  # a cgroup once emptied is not populated again: counted once
                     poller.register(fd, select.POLLPRI)
-            pending = sum(1 for fd in watched if _populated(fd))
+                    pending += 1
             while pending:
                 left_ms = (deadline - time.monotonic()) * 1000
                 if left_ms <= 0:

@@ -383,15 +383,7 @@ class AsyncSession:
     ) -> AsyncGenerator[Event, None]:
         """Run `code` and yield its events as they come, resuming across cuts."""
         run_id = run_id or secrets.token_hex(8)
-        body = _without_none(
-            code=code,
-            timeout_ms=timeout_ms or None,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-            run_id=run_id,
-            disconnect_grace_ms=disconnect_grace_ms,
-        )
+        body = _run_body(code, timeout_ms, cwd, env, stdin, run_id, disconnect_grace_ms=disconnect_grace_ms)
         return self.client.follow(self.id, run_id, body, None)
 
     async def run(self, code: str, **options: Any) -> RunResult:
@@ -411,9 +403,7 @@ class AsyncSession:
         run_id: str | None = None,
     ) -> dict[str, Any]:
         """A background run: it goes on with no reader; the run object at once."""
-        body = _without_none(
-            code=code, timeout_ms=timeout_ms or None, cwd=cwd, env=env, stdin=stdin, run_id=run_id, background=True
-        )
+        body = _run_body(code, timeout_ms, cwd, env, stdin, run_id, background=True)
         result: dict[str, Any] = await self.client.request("POST", f"/session/{self.id}/run", body)
         return result
 
@@ -441,6 +431,21 @@ class AsyncSession:
     async def get_run(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.client.request("GET", f"/session/{self.id}/runs/{run_id}")
         return result
+
+
+def _run_body(
+    code: str,
+    timeout_ms: int,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    stdin: str | None,
+    run_id: str | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A run's request body, with only the fields given (a timeout of 0 is no timeout)."""
+    return _without_none(
+        code=code, timeout_ms=timeout_ms or None, cwd=cwd, env=env, stdin=stdin, run_id=run_id, **extra
+    )
 
 
 def _without_none(**fields: Any) -> dict[str, Any]:
