@@ -16,8 +16,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="execd", description="Persistent bash sessions over HTTP + SSE.")
     parser.add_argument("--version", action="version", version=f"execd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the daemon")
+    serve = commands.add_parser("serve", help="run the daemon", usage="%(prog)s [flags] [-- COMMAND [ARGS...]]")
     add_flags(serve)
+    serve.add_argument(
+        "command",
+        nargs="*",
+        metavar="-- COMMAND",
+        help="run COMMAND beside the daemon (a container's entrypoint): signals passed on, its exit ends the daemon",
+    )
     mcp = commands.add_parser("mcp", help="an MCP server for agents, talking to a daemon (the `mcp` extra)")
     mcp.add_argument("--url", help="the daemon (default: $EXECD_URL, else http://127.0.0.1:44772)")
     mcp.add_argument("--token-file", help="a file holding the daemon's access token (default: $EXECD_TOKEN_FILE)")
@@ -29,8 +35,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The daemon's own helper processes (execd/watchdog.py, execd/enter.py), started by a bundle's
+# binary as hidden commands (process.helper_command); never for users.
+HELPERS = ("_watchdog", "_enter")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in HELPERS:
+        return run_helper(argv[0][1:], argv[1:])
     if argv and argv[0] in cli_client.COMMANDS:
         return cli_client.main(argv)
     args = parse_args(argv)
@@ -39,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from execd import serve
 
     return serve.main(args)
+
+
+def run_helper(name: str, args: Sequence[str]) -> int:
+    import importlib
+
+    importlib.import_module(f"execd.{name}").main(args)
+    return 0
 
 
 def run_mcp(args: argparse.Namespace) -> int:

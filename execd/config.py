@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from execd import identity
+from execd.target import Selector
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Settings:
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after it
     metrics_port: int = 0  # also serve /metrics with no token on this port of the same host; 0 = off
     opensandbox_at_root: bool = False  # the OpenSandbox adapter also at / (then /session* speak its dialect)
+    target: str | None = None  # sidecar mode: pid:N, pidfile:PATH or cmdline:REGEX; shells start in its container
+    state_dir: str | None = None  # where the sessions' private files go (default: the temp dir)
 
     def __post_init__(self) -> None:
         """Every value in its range: a bad flag or variable stops the daemon at start, by name."""
@@ -53,11 +56,19 @@ class Settings:
             if not math.isfinite(value) or value < low or (high is not None and value > high):
                 bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
                 raise ValueError(f"{_flag(name)}: must be {bounds}, got {value!r}")
+        if self.target is not None:
+            try:
+                Selector.parse(self.target)
+            except ValueError as exc:
+                raise ValueError(f"{_flag('target')}: {exc}") from None
         if self.run_as is not None:
             try:
-                identity.resolve(self.run_as)
+                # In sidecar mode names are the target's, looked up at each session's start.
+                identity.resolve(self.run_as if self.target is None else "0")
             except identity.UnknownIdentity as exc:
                 raise ValueError(f"{_flag('run_as')}: {exc}") from None
+        if self.state_dir is not None and not os.path.isdir(self.state_dir):
+            raise ValueError(f"{_flag('state_dir')}: {self.state_dir!r} is not a directory")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(

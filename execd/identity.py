@@ -2,7 +2,13 @@
 
 The daemon keeps its own user (root in the image); a shell may run as another one (`--run-as`, a
 session's `user`). Switching is done by util-linux's `setpriv` at spawn, so the daemon's spawn stays
-a `posix_spawn` (no fork of a threaded Python) and the switch happens before bash runs a line.
+a `posix_spawn` (no fork of a threaded Python) and the switch happens before bash runs a line; where
+`setpriv` is missing (a bundle in a bare image), or the shell starts in another container (sidecar
+mode), by execd's own spawner (execd/enter.py), at the price of a Python start per shell.
+
+In sidecar mode users, groups and paths are the target container's: they are looked up under its
+root (`/proc/PID/root`), in its /etc/passwd and /etc/group, and its symbolic links are followed
+inside it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import stat
 from dataclasses import dataclass
 
 SETPRIV = shutil.which("setpriv")
+MAX_SYMLINKS = 40  # as the kernel's path walk
 _NO_ID = 2**32 - 1  # (uid_t)-1 means "no change" to the kernel
 
 
@@ -39,21 +46,19 @@ class Identity:
         """What a login would set for this user."""
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
-    def may_enter(self, path: str) -> bool:
-        """Whether this user can `cd` into `path`: every directory on the way is searchable by it
-        (mode bits; ACLs are not read). Symbolic links are followed first, as `cd` would."""
-        real = os.path.realpath(path)
-        try:
-            if not stat.S_ISDIR(os.stat(real).st_mode):
-                return False
-        except OSError:
+    def may_enter(self, path: str, root: str = "/") -> bool:
+        """Whether this user can `cd` into `path` (under `root`): every directory on the way is
+        searchable by it (mode bits; ACLs are not read). Symbolic links are followed first, as
+        `cd` would."""
+        real = real_path(path, root)
+        if real is None or not is_directory(real, root):
             return False
         if self.is_root:
             return True
         current = "/"
         for part in [""] + [p for p in real.split("/") if p]:
             current = os.path.join(current, part)
-            if not self._may_search(current):
+            if not self._may_search(under(root, current)):
                 return False
         return True
 
@@ -72,13 +77,66 @@ class Identity:
         """The command that puts a shell in this identity before it execs bash. Unless allowed,
         the shell and all it starts get `no_new_privs` and an empty capability bounding set: a
         setuid binary in the image cannot make it root again."""
-        assert SETPRIV is not None
+        if SETPRIV is None:
+            from execd import process  # not at the top: the client commands import this module
+
+            return [*process.helper_command("enter"), *self.enter_options(allow_privilege_escalation), "--"]
         groups = ",".join(str(g) for g in self.groups)
         prefix = [SETPRIV, f"--reuid={self.uid}", f"--regid={self.gid}"]
         prefix.append(f"--groups={groups}" if groups else "--clear-groups")
         if not allow_privilege_escalation:
             prefix += ["--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
         return [*prefix, "--"]
+
+    def enter_options(self, allow_privilege_escalation: bool) -> list[str]:
+        """The same, as options of execd's spawner (execd/enter.py)."""
+        groups = ",".join(str(g) for g in self.groups)
+        options = ["--user", f"{self.uid}:{self.gid}:{groups}"]
+        return options if allow_privilege_escalation else [*options, "--no-new-privs"]
+
+
+def under(root: str, path: str) -> str:
+    """`path` of a root as the daemon reaches it."""
+    return path if root == "/" else root + path
+
+
+def real_path(path: str, root: str = "/") -> str | None:
+    """`path` with every symbolic link followed, as a process whose root is `root` would follow
+    them (an absolute link starts again at `root`, `..` stops there); None past MAX_SYMLINKS."""
+    if root == "/":
+        return os.path.realpath(path)
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        here = "/" + "/".join([*resolved, part])
+        try:
+            link = os.readlink(under(root, here))
+        except OSError:  # not a link, or not there: the caller's stat tells
+            resolved.append(part)
+            continue
+        hops += 1
+        if hops > MAX_SYMLINKS:
+            return None
+        if link.startswith("/"):
+            resolved = []
+        parts = [p for p in link.split("/") if p] + parts
+    return "/" + "/".join(resolved)
+
+
+def is_directory(path: str, root: str = "/") -> bool:
+    """Whether `path` (already resolved by real_path) is a directory under `root`."""
+    try:
+        return stat.S_ISDIR(os.stat(under(root, path)).st_mode)
+    except OSError:
+        return False
 
 
 @functools.cache
@@ -103,56 +161,85 @@ def default_cwd(user: Identity | None) -> str:
 
 def can_switch() -> bool:
     """Only root may run shells as other users."""
-    return os.geteuid() == 0 and SETPRIV is not None
+    return os.geteuid() == 0
 
 
-def resolve(spec: str) -> Identity:
-    """`USER[:GROUP]`, each a name or a number. A number with no passwd entry is taken as it is
-    (as container runtimes do), with a group of the same number, home `/`."""
+def resolve(spec: str, root: str = "/") -> Identity:
+    """`USER[:GROUP]`, each a name or a number, looked up in the accounts of `root`. A number with
+    no passwd entry is taken as it is (as container runtimes do), with a group of the same number,
+    home `/`."""
     user, _, group = spec.partition(":")
     if not user:
         raise UnknownIdentity(f"{spec!r} names no user")
-    entry = _passwd(user)
+    accounts = Accounts(root)
+    entry = accounts.user(user)
     if entry is not None:
-        uid, gid, name, home = entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir
+        uid, gid, name, home = entry
     elif user.isdigit() and int(user) < _NO_ID:
         uid = gid = int(user)
         name, home = user, "/"
     else:
         raise UnknownIdentity(f"no user named {user!r}")
     if group:
-        gid = _group_id(group)
-    groups = _supplementary_groups(name, gid) if entry is not None and not group else ()
+        gid = accounts.group_id(group)
+    groups = accounts.groups_of(name, gid) if entry is not None and not group else ()
     identity = Identity(uid, gid, groups, name, home)
-    if identity.uid != os.geteuid() or identity.gid != os.getegid():
-        if os.geteuid() != 0:
-            raise UnknownIdentity(f"the daemon does not run as root: it cannot run shells as {spec!r}")
-        if SETPRIV is None:
-            raise UnknownIdentity("switching users needs util-linux's setpriv, which is not installed")
+    if (identity.uid != os.geteuid() or identity.gid != os.getegid()) and not can_switch():
+        raise UnknownIdentity(f"the daemon does not run as root: it cannot run shells as {spec!r}")
     return identity
 
 
-def _passwd(user: str) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, OverflowError):
+class Accounts:
+    """Users and groups: this system's (the C library's, NSS included), or the files of another
+    root's /etc."""
+
+    def __init__(self, root: str = "/") -> None:
+        self.root = root
+
+    def user(self, user: str) -> tuple[int, int, str, str] | None:
+        """uid, gid, name and home of a name or a uid."""
+        if self.root == "/":
+            try:
+                e = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+            except (KeyError, OverflowError):
+                return None
+            return e.pw_uid, e.pw_gid, e.pw_name, e.pw_dir
+        for f in self._entries("passwd"):
+            if len(f) >= 6 and f[2].isdigit() and f[3].isdigit() and user in (f[0], f[2]):
+                return int(f[2]), int(f[3]), f[0], f[5] or "/"
         return None
 
-
-def _group_id(group: str) -> int:
-    try:
-        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
-    except (KeyError, OverflowError):
+    def group_id(self, group: str) -> int:
+        if self.root == "/":
+            try:
+                return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+            except (KeyError, OverflowError):
+                pass
+        else:
+            for f in self._entries("group"):
+                if len(f) >= 3 and f[2].isdigit() and group in (f[0], f[2]):
+                    return int(f[2])
         if group.isdigit() and int(group) < _NO_ID:
             return int(group)
-        raise UnknownIdentity(f"no group named {group!r}") from None
+        raise UnknownIdentity(f"no group named {group!r}")
 
+    def groups_of(self, name: str, gid: int) -> tuple[int, ...]:
+        """The primary group and every group that lists `name` as a member."""
+        if self.root == "/":
+            try:
+                return tuple(sorted(set(os.getgrouplist(name, gid))))
+            except OSError:
+                return (gid,)
+        entries = self._entries("group")
+        member = {int(f[2]) for f in entries if len(f) >= 4 and f[2].isdigit() and name in f[3].split(",")}
+        return tuple(sorted(member | {gid}))
 
-def _supplementary_groups(name: str, gid: int) -> tuple[int, ...]:
-    try:
-        return tuple(sorted(set(os.getgrouplist(name, gid))))
-    except OSError:
-        return (gid,)
+    def _entries(self, table: str) -> list[list[str]]:
+        try:
+            with open(under(self.root, f"/etc/{table}"), encoding="utf-8", errors="replace") as f:
+                return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+        except OSError:
+            return []
 
 
 class Owner:

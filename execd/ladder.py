@@ -9,6 +9,7 @@ exits (pidfds), bounded by a named timing from the settings, never a fixed sleep
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -38,6 +39,17 @@ async def climb_for_run(
     await give_up()
 
 
+async def climb_for_process(
+    pid: int, exited: Callable[[], Awaitable[object]], grace_s: float, timings: Timings
+) -> bool:
+    """For a process that has had its polite signal (the supervised command): `grace_s` for it to
+    exit, then SIGKILL its process group and wait `kill_wait_s`. False if it is still there."""
+    if await _within(exited(), grace_s):
+        return True
+    process.signal_pids([-pid, pid], signal.SIGKILL)  # its group first: what it started goes too
+    return await _within(exited(), timings.kill_wait_s)
+
+
 async def sweep_sessions(sessions: Mapping[str, int | None], timings: Timings, cgroups: SessionCgroups | None) -> bool:
     """SIGKILL every process of these sessions (session tag -> shell pid; their cgroups, where
     they have them) and wait for the exits, off the event loop (it reads /proc). False if
@@ -52,7 +64,7 @@ def sweep_sessions_now(sessions: Mapping[str, int | None], timings: Timings, cgr
     return process.kill_sessions(sessions, min(timings.kill_wait_s, 0.5), cgroups)
 
 
-async def _within(end: Awaitable[None], timeout_s: float) -> bool:
+async def _within(end: Awaitable[object], timeout_s: float) -> bool:
     try:
         await asyncio.wait_for(end, timeout_s)
     except TimeoutError:

@@ -9,19 +9,19 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from execd import identity, ladder, process
+from execd import frozen, identity, ladder, process
 from execd.cgroups import SessionCgroups
 from execd.logging import get_logger
 from execd.metrics import Metrics
 from execd.run import Aborted, Completed, Run, RunLimits, RunRequest, rfc3339
 from execd.shell import BOOTSTRAP, NoActiveRun, Shell, ShellBusy, ShellConfig, ShellGone, ShellStartFailed
+from execd.target import Selector, Target, TargetNotFound
 
 log = get_logger("execd.registry")
 # How a run in progress ends when the daemon ends its session.
@@ -139,12 +139,31 @@ class RegistryConfig:
     between_runs_bytes: int = 1024 * 1024
     run_limits: RunLimits = field(default_factory=RunLimits)
     runs_kept: int = 16
-    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    base_env: Mapping[str, str] = field(default_factory=frozen.original_environ)  # a bundle's own changes undone
     shell_fd_limit: int | None = None
     run_as: identity.Identity | None = None  # the shells' user unless a session names its own
     max_processes: int = 0
     allow_privilege_escalation: bool = False
     session_cgroups: bool = True
+    target: Selector | None = None  # sidecar mode: the process whose container shells start in
+    run_as_spec: str | None = None  # as given (sidecar mode: looked up in the target's accounts)
+    state_dir: str | None = None  # where the base dir goes (None: the temp dir)
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a new session's shell starts: this container, or (sidecar mode) the target's, whose
+    root holds the accounts and paths a request names."""
+
+    target: Target | None = None
+    default_user: identity.Identity | None = None
+
+    @property
+    def root(self) -> str:
+        return self.target.root if self.target is not None else "/"
+
+    def resolve_user(self, spec: str) -> identity.Identity:
+        return identity.resolve(spec, self.root)
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,7 @@ class SessionOptions:
     idle_timeout_s: float | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     user: identity.Identity | None = None
+    place: Place | None = None  # None: where the registry's place() says now
 
 
 class Session:
@@ -244,6 +264,12 @@ class Session:
     def user(self) -> identity.Identity:
         return self.shell.config.user or identity.daemon_identity()
 
+    @property
+    def root(self) -> str:
+        """The shell's root as the daemon reaches it (paths a run names are under it)."""
+        target = self.shell.config.target
+        return target.root if target is not None else "/"
+
     def resources(self) -> dict[str, Any]:
         if not self.state.live:
             return {"num_processes": 0, "rss_bytes": 0, "cpu_seconds": 0.0}
@@ -311,7 +337,7 @@ class Registry:
 
     def start(self) -> None:
         """Make the sessions' base dir and start the watchdog."""
-        self.base_dir = tempfile.mkdtemp(prefix=f"execd-{os.getpid()}-")
+        self.base_dir = tempfile.mkdtemp(prefix=f"execd-{os.getpid()}-", dir=self.config.state_dir)
         if identity.can_switch():
             os.chmod(self.base_dir, 0o711)  # shells of other users reach their own dirs, list none
         # The wrapper, where every shell's user can read it (the package may sit in a 0700 home).
@@ -323,7 +349,8 @@ class Registry:
             "kill_mode",
             mode="cgroup" if self.cgroups else "tag_sweep",
             cgroup=self.cgroups.root if self.cgroups else None,
-            run_as=self.config.run_as.name if self.config.run_as else identity.daemon_identity().name,
+            run_as=self.config.run_as_spec or identity.daemon_identity().name,
+            target=str(self.config.target) if self.config.target else None,
         )
         self._watchdog = self._spawn_watchdog()
         self._watch_watchdog()
@@ -334,9 +361,7 @@ class Registry:
         assert self.base_dir is not None
         watchdog = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "execd.watchdog",
+                *process.helper_command("watchdog"),
                 self.base_dir,
                 str(self.config.timings.kill_wait_s),
                 self.cgroups.root if self.cgroups else "",
@@ -346,7 +371,7 @@ class Registry:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             # Only what Python needs to start: no secret of the daemon's reaches it.
-            env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": _package_root()},
+            env={"PATH": os.environ.get("PATH", os.defpath)},
         )
         process.owned_children.add(watchdog.pid)
         return watchdog
@@ -431,19 +456,40 @@ class Registry:
     def readers_attached(self) -> int:
         return sum(run.reader_count for session in self.sessions.values() for run in session.runs.values())
 
+    def place(self) -> Place:
+        """Where a session created now would start (sidecar mode: the target is looked for again,
+        so a restarted container is followed)."""
+        if self.config.target is None:
+            return Place(None, self.config.run_as)
+        try:
+            target = self.config.target.find()
+            spec = self.config.run_as_spec
+            return Place(target, identity.resolve(spec, target.root) if spec else None)
+        except (TargetNotFound, identity.UnknownIdentity) as exc:
+            raise SessionStartFailed(ShellStartFailed(f"the sandbox's container: {exc}")) from None
+
     async def create(self, options: SessionOptions) -> Session:
         if self.shutting_down:
             raise ShuttingDown()
         if self.live_count() >= self.config.max_sessions:
             raise TooManySessions(self.config.max_sessions)
+        place = options.place or self.place()
         session_id = secrets.token_hex(12)
-        user, cwd, env = options.user or self.config.run_as, options.cwd, options.env
+        user, cwd, env = options.user or place.default_user, options.cwd, options.env
         login = user.environment() if user is not None else {}
+        if place.target is not None:
+            try:
+                base_env: Mapping[str, str] = place.target.environment()
+            except TargetNotFound as exc:
+                raise SessionStartFailed(ShellStartFailed(f"the sandbox's container: {exc}")) from None
+            cwd = cwd or ""  # the target's own, found by the spawner
+        else:
+            base_env, cwd = self.config.base_env, cwd or identity.default_cwd(user)
         shell = Shell(
             ShellConfig(
                 session_id=session_id,
-                cwd=cwd or identity.default_cwd(user),
-                env={**self.config.base_env, **login, **env},
+                cwd=cwd,
+                env={**base_env, **login, **env},
                 timings=self.config.timings,
                 between_runs_bytes=self.config.between_runs_bytes,
                 fd_limit=self.config.shell_fd_limit,
@@ -454,6 +500,7 @@ class Registry:
                 max_processes=self.config.max_processes,
                 allow_privilege_escalation=self.config.allow_privilege_escalation,
                 events=self.metrics,
+                target=place.target,
             )
         )
         timeout = self.config.idle_timeout_s if options.idle_timeout_s is None else options.idle_timeout_s
@@ -736,9 +783,3 @@ class Registry:
         ladder.sweep_sessions_now({s.id: s.shell.live_pid for s in pending}, self.config.timings, self.cgroups)
         for session in pending:
             session.shell.release_killed(SHUTTING_DOWN)
-
-
-def _package_root() -> str:
-    import execd
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(execd.__file__)))

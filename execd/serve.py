@@ -15,13 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
-from execd import process
+from execd import identity, process
 from execd.api import create_app
 from execd.api.keys import REGISTRY
 from execd.api.metrics import OpenListener
 from execd.api.server import ConnectionLimits, Listener
 from execd.config import Settings, settings_from_args
+from execd.frozen import original_environ
 from execd.logging import LoopErrors, configure, get_logger
+from execd.supervise import Supervised
 
 log = get_logger("execd.serve")
 
@@ -38,11 +40,12 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "access_token", None):
         log.warning("access_token_on_command_line", hint="any local user sees it in ps; use --access-token-file")
     process.keep_buffers_on_the_heap()
-    return run_loop(serve(settings), settings.event_loop)
+    return run_loop(serve(settings, getattr(args, "command", None) or []), settings.event_loop)
 
 
-async def serve(settings: Settings) -> int:
-    """Serve until a signal; then stop taking work, end runs, close sessions, exit within the grace."""
+async def serve(settings: Settings, command: list[str] | None = None) -> int:
+    """Serve until a signal (or, with a command, until it exits); then stop taking work, end runs,
+    close sessions, exit within the grace (with the command's exit status, if there is one)."""
     # The ports first: a busy one is one line and exit 1, before anything has started.
     sock = _listen(settings.host, settings.port)
     metrics_sock = _listen(settings.host, settings.metrics_port) if sock and settings.metrics_port else None
@@ -50,6 +53,17 @@ async def serve(settings: Settings) -> int:
         if sock is not None:
             sock.close()
         return 1
+    stop, force = asyncio.Event(), asyncio.Event()
+    supervised = _supervised(settings, command) if command else None
+    if supervised is not None:
+        try:
+            supervised.start(stop.set)
+        except OSError as exc:  # one line and 127, as a shell says of a command it cannot run
+            print(f"execd: cannot run {supervised.shown!r}: {exc.strerror or exc}", file=sys.stderr)
+            for opened in (sock, metrics_sock):
+                if opened is not None:
+                    opened.close()
+            return 127
     app = create_app(settings)
     # The whole stop must fit in the grace: aiohttp's own wait for open connections gets half of
     # it, and whatever is still running at 80% is killed outright.
@@ -71,7 +85,6 @@ async def serve(settings: Settings) -> int:
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrors())
-    stop, force = asyncio.Event(), asyncio.Event()
     received: list[int] = []
 
     def on_signal(signum: int) -> None:
@@ -85,7 +98,12 @@ async def serve(settings: Settings) -> int:
     registry = app[REGISTRY]
     registry.shutting_down = True  # from now on every request is 503
     listener.close()
-    log.info("shutdown_requested", signal=signal.Signals(received[0]).name)
+    if received:
+        log.info("shutdown_requested", signal=signal.Signals(received[0]).name)
+        if supervised is not None:
+            supervised.pass_on(received[0])
+    else:
+        log.info("shutdown_requested", cause="command_exited")
     if open_metrics is not None:
         await open_metrics.stop()  # at most a moment: a scrape in flight
     cleanup = loop.create_task(runner.cleanup())
@@ -98,13 +116,30 @@ async def serve(settings: Settings) -> int:
             log.warning("shutdown_grace_expired", grace_s=grace)
         registry.kill_all_now()
         if forced in done:
+            if supervised is not None:
+                supervised.kill_now()
             os._exit(1)
         cleanup.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await cleanup
     forced.cancel()
+    if supervised is not None:
+        await supervised.stop(grace * 0.2, registry.config.timings)
+        log.info("stopped", exit_status=supervised.exit_status)
+        return supervised.exit_status
     log.info("stopped")
     return 0
+
+
+def _supervised(settings: Settings, command: list[str]) -> Supervised:
+    """The command runs as the shells do: as `--run-as` when the daemon is root (in sidecar mode
+    there is no command: the sandbox's container runs its own)."""
+    env = original_environ()
+    user = identity.resolve(settings.run_as) if settings.run_as and not settings.target else None
+    if user is None or identity.Owner.of(user) is None:
+        return Supervised(command, env)
+    prefix = user.spawn_prefix(settings.allow_privilege_escalation)
+    return Supervised([*prefix, *command], {**env, **user.environment()}, shown=command[0])
 
 
 def _listen(host: str, port: int) -> socket.socket | None:
@@ -121,6 +156,7 @@ def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
         try:
             import uvloop
         except ImportError:
+            main.close()  # never started: no "never awaited" warning on the way out
             raise SystemExit("execd: --event-loop uvloop needs the `fast` extra (pip install 'execd[fast]')") from None
         return uvloop.run(main)
     if choice != "asyncio":

@@ -32,6 +32,7 @@ from execd.cgroups import SessionCgroups
 from execd.logging import get_logger
 from execd.pipes import OutputPipes, Status, StatusChannel, StdinStream, Stream
 from execd.run import Aborted, Completed, Outcome, Run
+from execd.target import Target
 
 log = get_logger("execd.shell")
 MAX_SENDS = 3  # a run's line is sent again when the user's code broke the wrapper's alias
@@ -90,6 +91,7 @@ class ShellConfig:
     allow_privilege_escalation: bool = False  # setuid binaries may elevate a switched shell
     cgroups: SessionCgroups | None = None  # where each session gets a cgroup of its own
     events: RunEvents | None = None
+    target: Target | None = None  # sidecar mode: start in this process's container (cwd "": its cwd)
 
 
 def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str]:
@@ -179,7 +181,7 @@ class Shell:
             )
             exited.cancel()
             if started not in done:
-                raise ShellGone("the shell exited" if exited in done else "it did not report in time")
+                raise ShellGone(self._last_words() if exited in done else "it did not report in time")
         except (OSError, ShellGone) as exc:
             await self.close(Aborted("SESSION_DIED", "the shell could not start"))
             errno = exc.errno if isinstance(exc, OSError) else None
@@ -208,12 +210,10 @@ class Shell:
             env["__EXECD_NOFILE"] = str(self.config.fd_limit)
         if self.config.max_processes and self.config.user is not None and not self.config.user.is_root:
             env["__EXECD_NPROC"] = str(self.config.max_processes)  # set by the shell itself, as its user
-        argv = ["bash", "--noprofile", "--norc"]
-        if self._owner is not None and self.config.user is not None:
-            argv = [*self.config.user.spawn_prefix(self.config.allow_privilege_escalation), _BASH, *argv[1:]]
+        argv = self._command()
         try:
             self.pid = os.posix_spawn(
-                argv[0] if self._owner is not None else _BASH,
+                _BASH if argv[0] == "bash" else argv[0],
                 argv,
                 env,
                 file_actions=[
@@ -245,6 +245,26 @@ class Shell:
         )
         self._loop.add_reader(self._fds["status"], self._status.read_available)
         self._pipes.watch()
+
+    def _last_words(self) -> str:
+        """Why a shell that never reported exited: the last line it wrote on stderr, if any (the
+        spawner says why it could not enter the target or switch users)."""
+        said = b"".join(data for stream, data, _ in self._pipes.take_between_runs() if stream == "stderr")
+        said += b"".join(data for stream, data in self._pipes.drain_now() if stream == "stderr")
+        lines = said.decode(errors="replace").strip().splitlines()
+        return f"the shell exited: {lines[-1][:300]}" if lines else "the shell exited"
+
+    def _command(self) -> list[str]:
+        """bash; behind setpriv or execd's spawner when it runs as another user; behind the
+        spawner, found on the target's PATH, when it starts in the target's container."""
+        user, escalate = self.config.user if self._owner is not None else None, self.config.allow_privilege_escalation
+        if self.config.target is not None:
+            switch = user.enter_options(escalate) if user is not None else []
+            spawner = process.helper_command("enter")
+            return [*spawner, "--target", self.config.target.enter_spec, *switch, "--", "bash", "--noprofile", "--norc"]
+        if user is not None:
+            return [*user.spawn_prefix(escalate), _BASH, "--noprofile", "--norc"]
+        return ["bash", "--noprofile", "--norc"]
 
     @property
     def alive(self) -> bool:

@@ -16,17 +16,19 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Sequence
 
 from execd import process
 from execd.cgroups import SessionCgroups
 
 
-def main() -> None:
+def main(args: Sequence[str]) -> None:
+    """args: the base dir, the kill wait in seconds, the cgroup root ("" for none)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the daemon's terminal is not for us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    base_dir = sys.argv[1] if len(sys.argv) > 1 else ""
-    kill_wait_s = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-    cgroups = SessionCgroups(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
+    base_dir = args[0] if args else ""
+    kill_wait_s = float(args[1]) if len(args) > 1 else 1.0
+    cgroups = SessionCgroups(args[2]) if len(args) > 2 and args[2] else None
     shells: dict[str, int | None] = {}
     for raw in sys.stdin.buffer:
         session_id, _, pid = raw.strip().decode(errors="replace")[1:].partition(" ")
@@ -50,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

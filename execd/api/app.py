@@ -8,6 +8,7 @@ import hmac
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -22,6 +23,7 @@ from execd.logging import get_logger
 from execd.metrics import CLIENT_GONE_STATUS, Metrics
 from execd.registry import Registry, RegistryConfig
 from execd.run import RunLimits
+from execd.target import Selector, TargetNotFound
 
 log = get_logger("execd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,8 +106,21 @@ async def healthz(request: web.Request) -> web.Response:
             "sessions": request.app[REGISTRY].live_count(),
             "uptime_s": round(time.monotonic() - request.app[STARTED_AT], 3),
             "watchdog": request.app[REGISTRY].watchdog_state,
+            **_target_health(request.app[REGISTRY]),
         }
     )
+
+
+def _target_health(registry: Registry) -> dict[str, Any]:
+    """Sidecar mode: the sandbox's process, or null while none is found (sessions then fail
+    with 503 SESSION_START_FAILED; the daemon itself is healthy, so the status stays ok)."""
+    if registry.config.target is None:
+        return {}
+    try:
+        pid: int | None = registry.config.target.find().pid
+    except TargetNotFound:
+        pid = None
+    return {"target": {"selector": str(registry.config.target), "pid": pid}}
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -162,7 +177,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
             run_limits=RunLimits(settings.run_log_bytes, settings.max_output_bytes, settings.max_readers),
             runs_kept=settings.runs_kept,
             shell_fd_limit=process.raise_fd_limit(),
-            run_as=identity.resolve(settings.run_as) if settings.run_as else None,
+            run_as=identity.resolve(settings.run_as) if settings.run_as and not settings.target else None,
+            run_as_spec=settings.run_as,
+            target=Selector.parse(settings.target) if settings.target else None,
+            state_dir=settings.state_dir,
             max_processes=settings.max_processes,
             allow_privilege_escalation=settings.allow_privilege_escalation,
             session_cgroups=settings.session_cgroups,

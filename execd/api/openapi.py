@@ -128,6 +128,7 @@ HEALTH = _obj(
         "sessions": INTEGER,
         "uptime_s": {"type": "number"},
         "watchdog": {"enum": ["ok", "restarting"]},
+        "target": _obj({"selector": STRING, "pid": _nullable(INTEGER)}, ("selector", "pid")),
     },
     ("status", "version"),
 )

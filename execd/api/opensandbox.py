@@ -26,7 +26,7 @@ from execd.api.errors import ApiError, InvalidRequest, json_response
 from execd.api.keys import REGISTRY, SETTINGS
 from execd.api.server import expect_continue
 from execd.api.validation import Fields, directory, read_json
-from execd.registry import NoActiveRun, Registry, Session, SessionOptions, SessionState
+from execd.registry import NoActiveRun, Place, Registry, Session, SessionOptions, SessionState
 from execd.run import Aborted, Completed, Run, RunRequest, rfc3339
 from execd.runlog import NO_CURSOR
 from execd.sse import dumps
@@ -154,26 +154,26 @@ def _envs(body: Mapping[str, Any]) -> dict[str, str]:
     return _fields(body).string_map("envs", env_names=True)
 
 
-def _cwd(body: Mapping[str, Any], base: str, user: identity.Identity | None) -> str | None:
+def _cwd(body: Mapping[str, Any], base: str, user: identity.Identity | None, root: str) -> str | None:
     """An existing directory the shell's user may enter (relative ones from `base`)."""
-    return directory("cwd", _string(body, "cwd"), base, user)
+    return directory("cwd", _string(body, "cwd"), base, user, root)
 
 
-def _user(body: Mapping[str, Any], registry: Registry) -> identity.Identity | None:
+def _user(body: Mapping[str, Any], place: Place) -> identity.Identity | None:
     """`uid`/`gid` through the run-as mechanism: only a daemon that may switch users takes another."""
     uid, gid = body.get("uid"), body.get("gid")
     if uid is None and gid is None:
         return None
     if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in (uid, gid)):
         raise InvalidRequest("'uid' and 'gid' must be numbers, at least 0")
-    current = registry.config.run_as or identity.daemon_identity()
+    current = place.default_user or identity.daemon_identity()
     uid = current.uid if uid is None else uid
     gid = current.gid if gid is None else gid
     if (uid, gid) == (current.uid, current.gid):
         return None
     if not identity.can_switch():
         raise InvalidRequest("'uid'/'gid': this daemon cannot run commands as another user (it is not root)")
-    return identity.resolve(f"{uid}:{gid}")
+    return place.resolve_user(f"{uid}:{gid}")
 
 
 # ----- routes -----------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ async def run_in_session(request: web.Request) -> web.StreamResponse:
     code = _string(body, "command")
     if code is None or not code.strip():
         raise InvalidRequest("'command' is required")
-    run_request = RunRequest(code, _cwd(body, session.shell.cwd, session.user))
+    run_request = RunRequest(code, _cwd(body, session.shell.cwd, session.user, session.root))
     run, _ = registry.start_run(session, run_request, None, _timeout_ms(body))
     return await runs.stream(request, run, NO_CURSOR, terminal)
 
@@ -200,8 +200,10 @@ async def run_command(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     body = await read_json(request)
     code, background = _code(body), body.get("background") is True
-    user = _user(body, registry)
-    options = SessionOptions(cwd=_cwd(body, "/", user or registry.config.run_as), env=_envs(body), user=user)
+    place = registry.place()
+    user = _user(body, place)
+    cwd = _cwd(body, "/", user or place.default_user, place.root)
+    options = SessionOptions(cwd=cwd, env=_envs(body), user=user, place=place)
     session = await registry.open(options)
     try:
         run_request = RunRequest(code, background=background, on_disconnect="continue" if background else "interrupt")

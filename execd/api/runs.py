@@ -34,7 +34,7 @@ EVENTS_ROUTE = "run_events"  # the one route that also takes ?access_token= (Eve
 async def start_run(request: web.Request) -> web.StreamResponse:
     registry, settings = request.app[REGISTRY], request.app[SETTINGS]
     session = registry.get(request.match_info["session_id"])
-    spec = run_spec(await read_json(request), session.shell.cwd, session.user)
+    spec = run_spec(await read_json(request), session.shell.cwd, session.user, session.root)
     grace_ms = settings.disconnect_grace_ms if spec.disconnect_grace_ms is None else spec.disconnect_grace_ms
     run_request = RunRequest(
         spec.code,

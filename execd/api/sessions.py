@@ -14,7 +14,7 @@ from execd.api.validation import read_json, session_spec
 
 async def create_session(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    spec = session_spec(await read_json(request), registry.config.run_as)
+    spec = session_spec(await read_json(request), registry.place())
     session = await registry.open(spec)
     return json_response(session.to_dict())  # 200, not 201: the OpenSandbox SDKs accept only 200
 

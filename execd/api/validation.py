@@ -19,7 +19,7 @@ from execd import identity
 from execd.api import openapi
 from execd.api.errors import InvalidRequest, PayloadTooLarge
 from execd.api.keys import SETTINGS
-from execd.registry import SessionOptions
+from execd.registry import Place, SessionOptions
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -170,27 +170,30 @@ def _is_integral(value: float) -> bool:
     return isinstance(value, int) or float(value).is_integer()
 
 
-def directory(name: str, path: str | None, base: str, user: identity.Identity | None) -> str | None:
-    """A directory that must exist; a relative one is taken from `base`, as `cd` would. For a
-    shell of another user, one that user may enter (checked as that user, not as the daemon)."""
+def directory(name: str, path: str | None, base: str, user: identity.Identity | None, root: str = "/") -> str | None:
+    """A directory that must exist (under the shell's `root`); a relative one is taken from
+    `base`, as `cd` would. For a shell of another user, one that user may enter (checked as that
+    user, not as the daemon)."""
     if path is None:
         return None
     full = os.path.join(base, path)
-    if not os.path.isdir(full):
+    real = identity.real_path(full, root)
+    if real is None or not identity.is_directory(real, root):
         raise InvalidRequest(f"{name!r}: {path!r} is not a directory")
-    if user is not None and not user.may_enter(full):
+    if user is not None and not user.may_enter(full, root):
         raise InvalidRequest(f"{name!r}: user {user.name!r} may not enter {path!r}")
     return path
 
 
-def user(value: Any) -> identity.Identity | None:
-    """A session's `user`: a name or a numeric uid (as a number or a string)."""
+def user(value: Any, place: Place) -> identity.Identity | None:
+    """A session's `user`: a name or a numeric uid (as a number or a string), of the place its
+    shell starts in."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidRequest("'user' must be a user name or a numeric uid")
     try:
-        return identity.resolve(str(value))
+        return place.resolve_user(str(value))
     except identity.UnknownIdentity as exc:
         raise InvalidRequest(f"'user': {exc}") from None
 
@@ -213,18 +216,19 @@ def labels(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-def session_spec(body: Mapping[str, Any], default_user: identity.Identity | None) -> SessionOptions:
+def session_spec(body: Mapping[str, Any], place: Place) -> SessionOptions:
     fields = Fields(body, SESSION_FIELDS)
     cwd = fields.string("cwd")
     if cwd is not None and not os.path.isabs(cwd):
         raise InvalidRequest(f"'cwd': {cwd!r} must be an absolute path")
-    who = user(body.get("user"))
+    who = user(body.get("user"), place)
     return SessionOptions(
-        cwd=directory("cwd", cwd, "/", who or default_user),
+        cwd=directory("cwd", cwd, "/", who or place.default_user, place.root),
         env=fields.string_map("env", env_names=True),
         idle_timeout_s=fields.number("idle_timeout_s"),
         labels=labels(fields.string_map("labels")),
         user=who,
+        place=place,
     )
 
 
@@ -245,7 +249,7 @@ class RunSpec:
     disconnect_grace_ms: int | None
 
 
-def run_spec(body: Mapping[str, Any], session_cwd: str, user: identity.Identity | None) -> RunSpec:
+def run_spec(body: Mapping[str, Any], session_cwd: str, user: identity.Identity | None, root: str = "/") -> RunSpec:
     fields = Fields(body, RUN_FIELDS)
     code = fields.aliased("code", "command")
     if code is None:
@@ -266,7 +270,7 @@ def run_spec(body: Mapping[str, Any], session_cwd: str, user: identity.Identity 
     return RunSpec(
         code=code or "",
         timeout_ms=int(timeout or 0),
-        cwd=directory("cwd", fields.string("cwd"), session_cwd, user),
+        cwd=directory("cwd", fields.string("cwd"), session_cwd, user, root),
         env=fields.string_map("env", env_names=True),
         stdin=None if stdin == "stream" else stdin,
         stdin_stream=stdin == "stream",

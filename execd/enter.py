@@ -1,0 +1,131 @@
+"""The spawner: what runs between the daemon's posix_spawn and bash when a shell must start where
+the daemon is not, in another container's namespaces and root (sidecar mode, `--target`), or as
+another user where util-linux's `setpriv` is missing (a bundle in a bare image).
+
+A fresh, single-threaded process (setns(2) into a mount namespace is refused to a threaded one):
+
+    _enter [--target PID:START_TICKS] [--user UID:GID:G1,G2] [--no-new-privs] -- PROGRAM ARGS...
+
+In order: join the target's IPC, UTS and mount namespaces, take its root (and, when the shell's
+`__EXECD_CWD` is empty, its cwd: the path as the target sees it); set groups, gid, uid; drop the
+bounding set and set `no_new_privs`; exec PROGRAM, looked up on the PATH of the environment it was
+given (the target's, in sidecar mode). Any failure is one line on stderr and exit status 126.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from execd import frozen, process
+
+NAMESPACES = ("ipc", "uts", "mnt")  # mnt last: after it, the target's /proc paths are out of reach
+FAILED = 126
+
+
+class EnterFailed(Exception):
+    pass
+
+
+class Plan:
+    """What to do before the exec (a plain class: importing dataclasses costs a start 15 ms)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.target: tuple[int, int] | None = None  # pid, start ticks (a pid reused meanwhile is refused)
+        self.user: tuple[int, int, list[int]] | None = None
+        self.no_new_privs = False
+
+
+def parse(args: Sequence[str]) -> Plan:
+    args = list(args)
+    if "--" not in args:
+        raise EnterFailed("usage: _enter [--target PID:START] [--user UID:GID:GROUPS] [--no-new-privs] -- PROGRAM")
+    split = args.index("--")
+    options, argv = args[:split], args[split + 1 :]
+    if not argv:
+        raise EnterFailed("no program to run")
+    plan = Plan(argv)
+    while options:
+        option = options.pop(0)
+        if option == "--no-new-privs":
+            plan.no_new_privs = True
+        elif option == "--target" and options:
+            pid, _, start = options.pop(0).partition(":")
+            plan.target = (int(pid), int(start))
+        elif option == "--user" and options:
+            uid, gid, groups = options.pop(0).split(":")
+            plan.user = (int(uid), int(gid), [int(g) for g in groups.split(",") if g])
+        else:
+            raise EnterFailed(f"unknown option {option!r}")
+    return plan
+
+
+def enter_target(pid: int, start: int, env: dict[str, str]) -> None:
+    """Everything is opened before the first setns: after it, /proc/PID is looked up elsewhere."""
+    fds = {name: os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in NAMESPACES}
+    root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    cwd = os.open(f"/proc/{pid}/cwd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if process.start_ticks(pid) != start:
+        raise EnterFailed(f"the target process {pid} has ended")
+    for name in NAMESPACES:
+        process.setns(fds[name])
+    os.fchdir(root)
+    os.chroot(".")
+    os.chdir("/")
+    if not env.get("__EXECD_CWD"):
+        os.fchdir(cwd)
+        here = os.getcwd()
+        # A cwd outside the target's root (it chrooted after its cd) has no path there.
+        env["__EXECD_CWD"] = here if here.startswith("/") else "/"
+
+
+def become(uid: int, gid: int, groups: list[int], no_new_privs: bool) -> None:
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    if no_new_privs:
+        process.drop_privilege_escalation()  # the bounding set needs CAP_SETPCAP: before setuid
+    os.setresuid(uid, uid, uid)
+
+
+def find_program(name: str, path: str) -> str:
+    """`name` on `path`, as execvp would find it. Not os.execvpe: after the chroot no module can be
+    imported any more, and it imports one on its way."""
+    if "/" in name:
+        return name
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise EnterFailed(f"{name}: not found on PATH {path!r}")
+
+
+def first_enterable(*paths: str) -> str:
+    """The target's cwd may be closed to the shell's user: then its home, else `/`."""
+    for path in paths:
+        try:
+            os.chdir(path)
+            return path
+        except OSError:
+            continue
+    return "/"
+
+
+def main(args: Sequence[str]) -> None:
+    env = frozen.original_environ()  # a bundle's library path is not for the shell
+    try:
+        plan = parse(args)
+        defaulted = not env.get("__EXECD_CWD")
+        if plan.target is not None:
+            enter_target(*plan.target, env)
+        if plan.user is not None:
+            become(*plan.user, plan.no_new_privs)
+            if defaulted and plan.target is not None:
+                env["__EXECD_CWD"] = first_enterable(env["__EXECD_CWD"], env.get("HOME", "/"), "/")
+        elif plan.no_new_privs:
+            process.drop_privilege_escalation()
+        os.execve(find_program(plan.argv[0], env.get("PATH", os.defpath)), plan.argv, env)
+    except (EnterFailed, OSError, ValueError) as exc:
+        print(f"execd: the shell could not start: {exc}", file=sys.stderr)
+        sys.exit(FAILED)

@@ -1,0 +1,277 @@
+"""Sidecar mode (`--target`): the daemon on this machine's root, the "sandbox" a process in mount,
+UTS and IPC namespaces of its own, chrooted into a small root with bash and coreutils and no
+Python (tests/rootfs.py), the sessions' state dir bind-mounted at the same path inside it, as a
+shared emptyDir would be in a pod. Every shell must start in there, and everything the plain suite
+promises (interrupts, close, escapee sweeps, daemon death, nothing left) must still hold."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from execd.client import Client, InvalidRequest, SessionStartFailed
+from tests import rootfs
+from tests.conftest import assert_no_processes
+from tests.helpers_control import (
+    REPO,
+    ServedDaemon,
+    free_port,
+    healthy,
+    reap_zombie_children,
+    require_root,
+    served,
+)
+
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/bin:/bin:/sandbox/bin"
+SANDBOX_HOST = "sandbox-host"
+
+
+@dataclass
+class Sandbox:
+    proc: subprocess.Popen[bytes]
+    name: str  # its argv[0]: what the selector matches
+
+    @property
+    def selector(self) -> str:
+        return f"cmdline:^{self.name} "
+
+    def pid(self) -> int:
+        """The chrooted process itself (the unshare wrapper forks nothing: each step execs)."""
+        return self.proc.pid
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_root("sidecar mode (setns, chroot, mounts in a private namespace)")
+    path = rootfs.build(tmp_path_factory.mktemp("sandbox-root"))
+    assert not rootfs.has_python(path)
+    (path / "work/file.txt").write_text("hello from the sandbox's root\n")
+    (path / "work-link").symlink_to("/work")  # absolute: must resolve inside the root
+    os.makedirs(path / "closed", mode=0o700)
+    return path
+
+
+@pytest.fixture
+def state_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="execd-sidecar-state-") as path:
+        os.chmod(path, 0o755)  # as an emptyDir is (0777): the shells' user must reach its own files
+        yield path
+
+
+def start_sandbox(root: Path, state_dir: str, path: str = SANDBOX_PATH) -> Sandbox:
+    """Mount, UTS and IPC namespaces of its own; the state dir at the same path inside; its own
+    hostname and an environment of its own; cwd /work; then exec'd into its root."""
+    name = f"sandbox-main-{secrets.token_hex(4)}"
+    (root / state_dir.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    script = (
+        f"mount --bind {state_dir} {root}{state_dir} && mount -t proc proc {root}/proc"
+        f" && mount --rbind /dev {root}/dev && echo {SANDBOX_HOST} > /proc/sys/kernel/hostname"
+        f" && exec env -i PATH={path} SANDBOX_VAR=from-the-sandbox HOME=/root"
+        f" /usr/sbin/chroot {root} /bin/bash -c 'cd /work && exec -a {name} /bin/sleep 100000'"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--uts", "--ipc", "--propagation", "private", "--", "sh", "-c", script],
+        start_new_session=True,
+    )
+    sandbox = Sandbox(proc, name)
+    deadline = time.monotonic() + 10
+    while not _argv0(proc.pid).startswith(name):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sandbox did not start"
+        time.sleep(0.02)
+    return sandbox
+
+
+def _argv0(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def sandbox(root: Path, state_dir: str) -> Iterator[Sandbox]:
+    started = start_sandbox(root, state_dir)
+    yield started
+    started.stop()
+
+
+def sidecar(sandbox: Sandbox, state_dir: str, *extra: str) -> contextlib.AbstractContextManager[ServedDaemon]:
+    return served(
+        "--target", sandbox.selector, "--state-dir", state_dir, "--run-as", "sandbox", "--interrupt-grace-ms", "500",
+        *extra,
+    )  # fmt: skip
+
+
+def test_sidecar_shells_live_in_the_targets_root_namespaces_and_environment(sandbox: Sandbox, state_dir: str) -> None:
+    with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client:
+        health = client.healthz()
+        assert health["target"] == {"selector": sandbox.selector, "pid": sandbox.pid()}
+        with client.create_session() as session:
+            info = session.refresh()
+            assert info["cwd"] == "/work"  # the target's cwd
+            assert info["user"] == "sandbox"  # a name only the sandbox's /etc/passwd has
+            result = session.run(
+                ". /etc/os-release; echo $ID; cat file.txt; echo $PATH; echo $SANDBOX_VAR; id -u; id -G;"
+                " cat /proc/sys/kernel/hostname; command -v python3 || echo no-python;"
+                " readlink /proc/$$/ns/mnt /proc/$$/ns/uts /proc/$$/ns/ipc"
+            )
+    assert result.exit_code == 0, result
+    lines = result.stdout.splitlines()
+    assert lines[:9] == [
+        rootfs.MARKER,
+        "hello from the sandbox's root",
+        SANDBOX_PATH,
+        "from-the-sandbox",
+        "1000",
+        "1000 1500",  # `extra` lists sandbox as a member, in the sandbox's /etc/group
+        SANDBOX_HOST,
+        "no-python",
+        os.readlink(f"/proc/{sandbox.pid()}/ns/mnt"),
+    ]
+    assert lines[9:] == [os.readlink(f"/proc/{sandbox.pid()}/ns/{ns}") for ns in ("uts", "ipc")]
+    assert lines[8] != os.readlink("/proc/self/ns/mnt")
+
+
+def test_sidecar_paths_and_users_are_the_targets(sandbox: Sandbox, state_dir: str) -> None:
+    with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client:
+        with pytest.raises(InvalidRequest, match="is not a directory"):
+            client.create_session(cwd=str(REPO))  # there on this machine, not in the sandbox
+        with pytest.raises(InvalidRequest, match="may not enter"):
+            client.create_session(cwd="/closed")  # 0700 root in the sandbox's root
+        with pytest.raises(InvalidRequest, match="no user named"):
+            client.create_session(user="nobody-here")
+        with client.create_session(cwd="/work-link") as session:  # an absolute link, followed inside
+            assert session.run("pwd -P; cat file.txt").stdout == "/work\nhello from the sandbox's root\n"
+            with pytest.raises(InvalidRequest, match="is not a directory"):
+                session.run("true", cwd=str(REPO))
+        with client.create_session(user="root") as session:
+            assert session.run("id -u; pwd").stdout == "0\n/work\n"
+
+
+def test_sidecar_interrupts_and_timeouts_reach_the_run(sandbox: Sandbox, state_dir: str) -> None:
+    with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client, client.create_session() as session:
+        timed = session.run("sleep 100", timeout_ms=300)
+        assert (timed.exit_code, timed.interrupted, timed.timed_out) == (130, True, True)
+        started = session.start("trap '' INT; sleep 100")  # ignores SIGINT: the ladder's SIGKILL ends it
+        time.sleep(0.3)
+        session.interrupt(run_id=started["run_id"])
+        ended = session.wait(started["run_id"])
+        assert ended.interrupted and ended.exit_code == 130
+        assert session.run("echo still here").stdout == "still here\n"
+
+
+def test_sidecar_close_kills_the_sessions_escapees(sandbox: Sandbox, state_dir: str) -> None:
+    with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client:
+        session = client.create_session()
+        session.run("sleep 1000 & setsid sleep 1000 & (setsid sleep 1000 &) ; true")
+        assert len(_tagged({session.id})) >= 4  # the shell and three sleeps
+        session.close()
+        assert_no_processes({session.id})
+
+
+def test_sidecar_daemon_death_leaves_nothing(sandbox: Sandbox, state_dir: str) -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "execd", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
+    proc = subprocess.Popen(
+        [*argv, "--target", sandbox.selector, "--state-dir", state_dir, "--run-as", "sandbox"], cwd=REPO, env=env
+    )
+    ids = set()
+    try:
+        deadline = time.monotonic() + 15
+        while not healthy(port):
+            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not come up"
+            time.sleep(0.05)
+        with Client(f"http://127.0.0.1:{port}") as client:
+            for _ in range(2):
+                session = client.create_session()
+                session.run("sleep 1000 & (setsid sleep 1000 &); true")
+                ids.add(session.id)
+        assert len(_tagged(ids)) >= 6
+        watchdog = next(c.pid for c in psutil.Process(proc.pid).children() if "watchdog" in " ".join(c.cmdline()))
+    finally:
+        proc.kill()
+        proc.wait()
+    # The watchdog's work. What the dead daemon had as children (the watchdog, the shells) re-parents
+    # to the nearest subreaper: this test process, once an in-process daemon of an earlier test made
+    # it one; so they are reaped here as they end.
+    deadline = time.monotonic() + 10
+    while _tagged(ids) or os.listdir(state_dir) or psutil.pid_exists(watchdog):
+        assert time.monotonic() < deadline, (_tagged(ids), os.listdir(state_dir))
+        reap_zombie_children()
+        time.sleep(0.02)
+    assert_no_processes(ids)  # the private files are gone from the shared dir too (the loop above)
+
+
+def test_sidecar_follows_a_restarted_target(root: Path, state_dir: str) -> None:
+    first = start_sandbox(root, state_dir)
+    name = "sandbox-main-"
+    try:
+        with (
+            served("--target", f"cmdline:^{name}", "--state-dir", state_dir, "--run-as", "sandbox") as daemon,
+            Client(daemon.url) as client,
+        ):
+            with client.create_session() as session:
+                assert session.run("echo $SANDBOX_VAR").stdout == "from-the-sandbox\n"
+            first.stop()
+            assert client.healthz()["target"]["pid"] is None  # the daemon is healthy, its target gone
+            with pytest.raises(SessionStartFailed, match="no process matches"):
+                client.create_session()
+            second = start_sandbox(root, state_dir)
+            try:
+                assert client.healthz()["target"]["pid"] == second.pid()
+                with client.create_session() as session:
+                    assert session.run("readlink /proc/$$/ns/mnt").stdout.strip() == os.readlink(
+                        f"/proc/{second.pid()}/ns/mnt"
+                    )
+            finally:
+                second.stop()
+    finally:
+        first.stop()
+
+
+def test_sidecar_a_shell_that_cannot_start_says_why(root: Path, state_dir: str) -> None:
+    sandbox = start_sandbox(root, state_dir, path="/nowhere")  # bash is not on the sandbox's PATH
+    try:
+        with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client:
+            with pytest.raises(SessionStartFailed, match="bash: not found on PATH '/nowhere'"):
+                client.create_session()
+            assert client.list_sessions() == []
+    finally:
+        sandbox.stop()
+
+
+@pytest.mark.parametrize("selector", ["nothing", "pid:0", "pid:x", "cmdline:(", "where:1"])
+def test_target_selector_that_means_nothing_stops_the_daemon(selector: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "execd", "serve", "--port", "0", "--target", selector],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "--target (EXECD_TARGET)" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def _tagged(ids: set[str]) -> list[int]:
+    from tests.conftest import tagged_processes
+
+    return [p.pid for p in tagged_processes(ids)]
