@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.helpers_control import free_port, served
+from tests.helpers_control import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,18 +47,3 @@ def test_scripts_serve_starts_the_daemon_with_flags() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-
-
-def test_the_image_healthcheck_asks_the_port_in_execd_port() -> None:
-    # The HEALTHCHECK line of the Dockerfile, run as Docker would, against a daemon on another port
-    # (a subprocess: an in-process daemon, a subreaper, would reap the check's exit status).
-    dockerfile = (REPO / "Dockerfile").read_text()
-    command = dockerfile.split("HEALTHCHECK", 1)[1].split('CMD python -c "', 1)[1].split('"\n', 1)[0]
-
-    def healthcheck(env_port: str) -> int:
-        env = {**os.environ, "EXECD_PORT": env_port}
-        return subprocess.run([sys.executable, "-c", command], env=env, capture_output=True, timeout=20).returncode
-
-    with served("--log-level", "error") as daemon:
-        assert healthcheck(str(daemon.port)) == 0
-        assert healthcheck(str(free_port())) != 0
