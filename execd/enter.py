@@ -4,12 +4,17 @@ another user where util-linux's `setpriv` is missing (a bundle in a bare image).
 
 A fresh, single-threaded process (setns(2) into a mount namespace is refused to a threaded one):
 
-    _enter [--target PID:START_TICKS] [--user UID:GID:G1,G2] [--no-new-privs] -- PROGRAM ARGS...
+    _enter [--env-fd N] [--target PID:START_TICKS] [--user UID:GID:G1,G2] [--no-new-privs] -- PROGRAM ARGS...
 
 In order: join the target's IPC, UTS and mount namespaces, take its root (and, when the shell's
 `__EXECD_CWD` is empty, its cwd: the path as the target sees it); set groups, gid, uid; drop the
 bounding set and set `no_new_privs`; exec PROGRAM, looked up on the PATH of the environment it was
 given (the target's, in sidecar mode). Any failure is one line on stderr and exit status 126.
+
+In sidecar mode that environment (the target's, which the sandbox controls) must not be this
+process's own: it runs as root with the daemon's capabilities, and `LD_PRELOAD` and its like would
+act on it. So it starts with a bare environment and reads the program's from `--env-fd` (a memfd the
+daemon filled), applied only at the exec.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Plan:
         self.target: tuple[int, int] | None = None  # pid, start ticks (a pid reused meanwhile is refused)
         self.user: tuple[int, int, list[int]] | None = None
         self.no_new_privs = False
+        self.env_fd: int | None = None
 
 
 def parse(args: Sequence[str]) -> Plan:
@@ -51,6 +57,8 @@ def parse(args: Sequence[str]) -> Plan:
         option = options.pop(0)
         if option == "--no-new-privs":
             plan.no_new_privs = True
+        elif option == "--env-fd" and options:
+            plan.env_fd = int(options.pop(0))
         elif option == "--target" and options:
             pid, _, start = options.pop(0).partition(":")
             plan.target = (int(pid), int(start))
@@ -76,8 +84,10 @@ def enter_target(pid: int, start: int, env: dict[str, str]) -> None:
     os.chdir("/")
     if not env.get("__EXECD_CWD"):
         os.fchdir(cwd)
-        here = os.getcwd()
-        # A cwd outside the target's root (it chrooted after its cd) has no path there.
+        try:
+            here = os.getcwd()
+        except OSError:  # removed, or outside the target's root (it chrooted after its cd)
+            here = "/"
         env["__EXECD_CWD"] = here if here.startswith("/") else "/"
 
 
@@ -112,10 +122,24 @@ def first_enterable(*paths: str) -> str:
     return "/"
 
 
+def read_environment(fd: int) -> dict[str, str]:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    env = {}
+    for item in b"".join(chunks).split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        if sep and name:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env
+
+
 def main(args: Sequence[str]) -> None:
-    env = frozen.original_environ()  # a bundle's library path is not for the shell
     try:
         plan = parse(args)
+        # Without --env-fd: the environment it was given, but a bundle's library path is not for the shell.
+        env = read_environment(plan.env_fd) if plan.env_fd is not None else frozen.original_environ()
         defaulted = not env.get("__EXECD_CWD")
         if plan.target is not None:
             enter_target(*plan.target, env)

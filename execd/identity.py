@@ -64,8 +64,10 @@ class Identity:
 
     def _may_search(self, directory: str) -> bool:
         try:
-            info = os.stat(directory)
+            info = os.stat(directory, follow_symlinks=False)  # resolved already: a link now is not ours
         except OSError:
+            return False
+        if not stat.S_ISDIR(info.st_mode):
             return False
         if info.st_uid == self.uid:
             return bool(info.st_mode & stat.S_IXUSR)
@@ -132,9 +134,10 @@ def real_path(path: str, root: str = "/") -> str | None:
 
 
 def is_directory(path: str, root: str = "/") -> bool:
-    """Whether `path` (already resolved by real_path) is a directory under `root`."""
+    """Whether `path` (already resolved by real_path) is a directory under `root`: a link there now
+    (swapped in since) is not, so nothing is looked up outside the root."""
     try:
-        return stat.S_ISDIR(os.stat(under(root, path)).st_mode)
+        return stat.S_ISDIR(os.stat(under(root, path), follow_symlinks=False).st_mode)
     except OSError:
         return False
 
@@ -204,8 +207,9 @@ class Accounts:
             except (KeyError, OverflowError):
                 return None
             return e.pw_uid, e.pw_gid, e.pw_name, e.pw_dir
+        column = 2 if user.isdigit() else 0  # a number is a uid, never a name (as above)
         for f in self._entries("passwd"):
-            if len(f) >= 6 and f[2].isdigit() and f[3].isdigit() and user in (f[0], f[2]):
+            if len(f) >= 6 and f[2].isdigit() and f[3].isdigit() and f[column] == user:
                 return int(f[2]), int(f[3]), f[0], f[5] or "/"
         return None
 
@@ -216,8 +220,9 @@ class Accounts:
             except (KeyError, OverflowError):
                 pass
         else:
+            column = 2 if group.isdigit() else 0
             for f in self._entries("group"):
-                if len(f) >= 3 and f[2].isdigit() and group in (f[0], f[2]):
+                if len(f) >= 3 and f[2].isdigit() and f[column] == group:
                     return int(f[2])
         if group.isdigit() and int(group) < _NO_ID:
             return int(group)
@@ -235,8 +240,13 @@ class Accounts:
         return tuple(sorted(member | {gid}))
 
     def _entries(self, table: str) -> list[list[str]]:
+        """The lines of the root's /etc/TABLE, its links followed inside the root (never out of it)."""
+        path = real_path(f"/etc/{table}", self.root)
+        if path is None:
+            return []
         try:
-            with open(under(self.root, f"/etc/{table}"), encoding="utf-8", errors="replace") as f:
+            fd = os.open(under(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, encoding="utf-8", errors="replace") as f:
                 return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
         except OSError:
             return []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import resource
@@ -55,18 +56,26 @@ def helper_command(name: str) -> list[str]:
 
 def setns(fd: int) -> None:
     """Join the namespace `fd` names (os.setns arrives with Python 3.12)."""
-    if _libc().setns(fd, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _check(_libc().setns(fd, 0))
 
 
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32))
 
 
 def drop_privilege_escalation() -> None:
-    """An empty capability bounding set and `no_new_privs`, as `setpriv --no-new-privs
-    --bounding-set=-all` does: nothing this process execs can gain a privilege."""
+    """What `setpriv --no-new-privs --bounding-set=-all --inh-caps=-all` does, plus the ambient set:
+    nothing this process execs can hold or gain a capability, root included."""
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last = int(f.read())
@@ -74,10 +83,24 @@ def drop_privilege_escalation() -> None:
         last = 63
     libc = _libc()
     for cap in range(last + 1):
-        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past what the kernel knows: nothing to drop
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            _raise_errno()  # EINVAL: a number the kernel does not know; anything else is a failure
+    _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    _check(libc.capget(ctypes.byref(header), data))
+    data[0].inheritable = data[1].inheritable = 0
+    _check(libc.capset(ctypes.byref(header), data))
+    _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+
+
+def _check(result: int) -> None:
+    if result != 0:
+        _raise_errno()
+
+
+def _raise_errno() -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err))
 
 
 def is_subreaper() -> bool:

@@ -21,7 +21,7 @@ from execd.logging import get_logger
 from execd.metrics import Metrics
 from execd.run import Aborted, Completed, Run, RunLimits, RunRequest, rfc3339
 from execd.shell import BOOTSTRAP, NoActiveRun, Shell, ShellBusy, ShellConfig, ShellGone, ShellStartFailed
-from execd.target import Selector, Target, TargetNotFound
+from execd.target import Finder, Selector, Target, TargetNotFound
 
 log = get_logger("execd.registry")
 # How a run in progress ends when the daemon ends its session.
@@ -266,9 +266,9 @@ class Session:
 
     @property
     def root(self) -> str:
-        """The shell's root as the daemon reaches it (paths a run names are under it)."""
-        target = self.shell.config.target
-        return target.root if target is not None else "/"
+        """The shell's root as the daemon reaches it (paths a run names are under it): the shell's
+        own, which stays its container's when the target it started from has gone."""
+        return f"/proc/{self.shell.pid}/root" if self.shell.config.target is not None else "/"
 
     def resources(self) -> dict[str, Any]:
         if not self.state.live:
@@ -330,6 +330,7 @@ class Registry:
         self.base_dir: str | None = None  # holds every session's private dir
         self.bootstrap = BOOTSTRAP
         self.cgroups: SessionCgroups | None = None
+        self.targets = Finder(config.target) if config.target is not None else None
         self.metrics = Metrics(self.sessions_by_state, self.readers_attached)
         self._on_session_ended = self._session_ended  # one bound method for all, not one per session
 
@@ -459,14 +460,24 @@ class Registry:
     def place(self) -> Place:
         """Where a session created now would start (sidecar mode: the target is looked for again,
         so a restarted container is followed)."""
-        if self.config.target is None:
+        if self.targets is None:
             return Place(None, self.config.run_as)
         try:
-            target = self.config.target.find()
+            target = self.targets.current()
             spec = self.config.run_as_spec
             return Place(target, identity.resolve(spec, target.root) if spec else None)
         except (TargetNotFound, identity.UnknownIdentity) as exc:
             raise SessionStartFailed(ShellStartFailed(f"the sandbox's container: {exc}")) from None
+
+    def target_health(self) -> dict[str, Any] | None:
+        """Sidecar mode: the selector and the pid it finds now (None while none matches)."""
+        if self.targets is None:
+            return None
+        try:
+            pid: int | None = self.targets.current().pid
+        except TargetNotFound:
+            pid = None
+        return {"selector": str(self.targets.selector), "pid": pid}
 
     async def create(self, options: SessionOptions) -> Session:
         if self.shutting_down:

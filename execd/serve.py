@@ -53,7 +53,18 @@ async def serve(settings: Settings, command: list[str] | None = None) -> int:
         if sock is not None:
             sock.close()
         return 1
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrors())
     stop, force = asyncio.Event(), asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        # Only flags: the order of the shutdown is this function's, below.
+        received.append(signum)
+        (force if stop.is_set() else stop).set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
     supervised = _supervised(settings, command) if command else None
     if supervised is not None:
         try:
@@ -64,36 +75,13 @@ async def serve(settings: Settings, command: list[str] | None = None) -> int:
                 if opened is not None:
                     opened.close()
             return 127
-    app = create_app(settings)
-    # The whole stop must fit in the grace: aiohttp's own wait for open connections gets half of
-    # it, and whatever is still running at 80% is killed outright.
+    try:
+        app, runner, listener, open_metrics = await _start(settings, sock, metrics_sock)
+    except BaseException:
+        if supervised is not None:
+            supervised.kill_now()  # a daemon that could not start leaves nothing running
+        raise
     grace = settings.shutdown_grace_s
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace * 0.5)
-    await runner.setup()
-    listener = Listener(
-        runner,
-        ConnectionLimits(settings.max_connections, settings.request_timeout_s),
-        {"access_log": None, "keepalive_timeout": settings.keepalive_timeout_s},
-    )
-    await listener.start(sock)
-    log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
-    open_metrics: OpenListener | None = None
-    if metrics_sock is not None:
-        open_metrics = OpenListener(app[REGISTRY].metrics)
-        await open_metrics.start(metrics_sock)
-        log.info("metrics_listening", host=settings.host, port=settings.metrics_port, token_required=False)
-
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(LoopErrors())
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        # Only flags: the order of the shutdown is this function's, below.
-        received.append(signum)
-        (force if stop.is_set() else stop).set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
     registry = app[REGISTRY]
     registry.shutting_down = True  # from now on every request is 503
@@ -129,6 +117,29 @@ async def serve(settings: Settings, command: list[str] | None = None) -> int:
         return supervised.exit_status
     log.info("stopped")
     return 0
+
+
+async def _start(
+    settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None
+) -> tuple[web.Application, web.AppRunner, Listener, OpenListener | None]:
+    app = create_app(settings)
+    # The whole stop must fit in the grace: aiohttp's own wait for open connections gets half of
+    # it, and whatever is still running at 80% is killed outright.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s * 0.5)
+    await runner.setup()
+    listener = Listener(
+        runner,
+        ConnectionLimits(settings.max_connections, settings.request_timeout_s),
+        {"access_log": None, "keepalive_timeout": settings.keepalive_timeout_s},
+    )
+    await listener.start(sock)
+    log.info("listening", host=settings.host, port=settings.port, pid=os.getpid())
+    open_metrics: OpenListener | None = None
+    if metrics_sock is not None:
+        open_metrics = OpenListener(app[REGISTRY].metrics)
+        await open_metrics.start(metrics_sock)
+        log.info("metrics_listening", host=settings.host, port=settings.metrics_port, token_required=False)
+    return app, runner, listener, open_metrics
 
 
 def _supervised(settings: Settings, command: list[str]) -> Supervised:

@@ -37,6 +37,7 @@ from execd.target import Target
 log = get_logger("execd.shell")
 MAX_SENDS = 3  # a run's line is sent again when the user's code broke the wrapper's alias
 INTERRUPT_SIGNAL = signal.SIGUSR2  # the shell's own handler for the daemon's interrupts
+ENV_FD = 3  # where the spawner reads the shell's environment in sidecar mode
 BOOTSTRAP = str(resources.files("execd") / "bootstrap.sh")
 _BASH = shutil.which("bash") or "/bin/bash"
 _NON_INTERACTIVE_DEFAULTS = {"PAGER": "cat", "GIT_PAGER": "cat", "TERM": "dumb"}
@@ -95,8 +96,13 @@ class ShellConfig:
 
 
 def shell_environment(base: Mapping[str, str], session_id: str) -> dict[str, str]:
-    """The daemon's environment minus every EXECD_* setting or secret, plus defaults and the tag."""
-    env = {k: v for k, v in base.items() if not k.startswith("EXECD_") and k != "BASH_ENV"}
+    """The daemon's environment (or the target's) minus every EXECD_* setting or secret and every
+    name of the wrapper's own, plus defaults and the tag."""
+    env = {
+        k: v
+        for k, v in base.items()
+        if not k.startswith("EXECD_") and k != "BASH_ENV" and not k.upper().startswith("__EXECD")
+    }
     for key, value in _NON_INTERACTIVE_DEFAULTS.items():
         env.setdefault(key, value)
     env[process.SESSION_TAG] = session_id
@@ -211,22 +217,25 @@ class Shell:
         if self.config.max_processes and self.config.user is not None and not self.config.user.is_root:
             env["__EXECD_NPROC"] = str(self.config.max_processes)  # set by the shell itself, as its user
         argv = self._command()
+        fds = [stdin_r, stdout_w, stderr_w]
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+        if self.config.target is not None:
+            # The target's environment is the sandbox's to choose: only bash gets it (see enter.py).
+            fds.append(_environment_fd(env))
+            actions.append((os.POSIX_SPAWN_DUP2, fds[-1], ENV_FD))
+            env = {"PATH": os.environ.get("PATH", os.defpath)}
         try:
             self.pid = os.posix_spawn(
                 _BASH if argv[0] == "bash" else argv[0],
                 argv,
                 env,
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, stdin_r, 0),
-                    (os.POSIX_SPAWN_DUP2, stdout_w, 1),
-                    (os.POSIX_SPAWN_DUP2, stderr_w, 2),
-                ],
+                file_actions=actions,
                 setsid=True,
                 setsigdef=_RESET_SIGNALS,
                 setsigmask=(),
             )
         finally:
-            for fd in (stdin_r, stdout_w, stderr_w):
+            for fd in fds:
                 os.close(fd)
         process.owned_children.add(self.pid)
         if self.config.cgroups is not None:
@@ -255,13 +264,15 @@ class Shell:
         return f"the shell exited: {lines[-1][:300]}" if lines else "the shell exited"
 
     def _command(self) -> list[str]:
-        """bash; behind setpriv or execd's spawner when it runs as another user; behind the
-        spawner, found on the target's PATH, when it starts in the target's container."""
+        """bash; behind setpriv (or execd's spawner, without it) when it runs as another user;
+        behind the spawner, found on the target's PATH, when it starts in the target's container:
+        there it always drops every capability, root included (its root is the sandbox's)."""
         user, escalate = self.config.user if self._owner is not None else None, self.config.allow_privilege_escalation
         if self.config.target is not None:
-            switch = user.enter_options(escalate) if user is not None else []
+            switch = (user or identity.daemon_identity()).enter_options(escalate)
             spawner = process.helper_command("enter")
-            return [*spawner, "--target", self.config.target.enter_spec, *switch, "--", "bash", "--noprofile", "--norc"]
+            target = ["--env-fd", str(ENV_FD), "--target", self.config.target.enter_spec]
+            return [*spawner, *target, *switch, "--", "bash", "--noprofile", "--norc"]
         if user is not None:
             return [*user.spawn_prefix(escalate), _BASH, "--noprofile", "--norc"]
         return ["bash", "--noprofile", "--norc"]
@@ -612,6 +623,14 @@ class Shell:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _environment_fd(env: Mapping[str, str]) -> int:
+    """A memfd holding `env` as NUL-terminated NAME=VALUE records, for the spawner to read."""
+    fd = os.memfd_create("execd-env", os.MFD_CLOEXEC)
+    _write_all(fd, b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _exit_status(pid: int) -> int | None:

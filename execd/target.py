@@ -70,30 +70,51 @@ class Selector:
     def __str__(self) -> str:
         return f"{self.kind}:{self.value}"
 
-    def find(self) -> Target:
+    def find(self, ours: set[int]) -> Target:
+        """The process now; `ours` (the daemon's own tree: its helpers, its shells and all they
+        started, escapees included, since it is their subreaper) is never taken, so session code
+        cannot pose as the sandbox."""
         if self.kind == "cmdline":
-            return self._by_cmdline()
+            return self._by_cmdline(ours)
         pid = int(self.value) if self.kind == "pid" else _pid_in(self.value)
         start = process.start_ticks(pid)
-        if start is None:
-            raise TargetNotFound(f"no process {pid} (--target {self})")
+        if start is None or pid in ours:
+            raise TargetNotFound(f"no process {pid} (--target {self})" if start is None else f"{pid} is execd's own")
         return Target(pid, start)
 
-    def _by_cmdline(self) -> Target:
+    def _by_cmdline(self, ours: set[int]) -> Target:
         pattern = re.compile(self.value)
-        ours = {os.getpid(), *process.owned_children}
         found: list[tuple[int, int]] = []
         for pid in process.all_pids():
-            if pid in ours or process.tag_of(pid) is not None:
+            line = process.command_line(pid)  # cheap first; the rest only for a match
+            if not line or not pattern.search(line) or pid in ours or process.tag_of(pid) is not None:
                 continue
-            line = process.command_line(pid)
             start = process.start_ticks(pid)
-            if line and start is not None and pattern.search(line):
+            if start is not None:
                 found.append((start, pid))
         if not found:
             raise TargetNotFound(f"no process matches --target {self}")
         start, pid = min(found)
         return Target(pid, start)
+
+
+class Finder:
+    """The selector's process, kept while it lives (the same pid and start time): a younger match
+    cannot take its place, and a /healthz probe or a session create costs one stat read, not a
+    scan of /proc, until it ends."""
+
+    def __init__(self, selector: Selector) -> None:
+        self.selector = selector
+        self._current: Target | None = None
+
+    def current(self) -> Target:
+        known = self._current
+        if known is not None and process.start_ticks(known.pid) == known.start:
+            return known
+        self._current = None
+        ours = {os.getpid(), *process.Tree().subtree(os.getpid())}
+        self._current = self.selector.find(ours)
+        return self._current
 
 
 def _pid_in(path: str) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from execd import identity, process
 from execd.client import Client, InvalidRequest, SessionStartFailed
 from tests import rootfs
 from tests.conftest import assert_no_processes
@@ -75,7 +76,7 @@ def state_dir() -> Iterator[str]:
         yield path
 
 
-def start_sandbox(root: Path, state_dir: str, path: str = SANDBOX_PATH) -> Sandbox:
+def start_sandbox(root: Path, state_dir: str, path: str = SANDBOX_PATH, env: str = "") -> Sandbox:
     """Mount, UTS and IPC namespaces of its own; the state dir at the same path inside; its own
     hostname and an environment of its own; cwd /work; then exec'd into its root."""
     name = f"sandbox-main-{secrets.token_hex(4)}"
@@ -83,7 +84,7 @@ def start_sandbox(root: Path, state_dir: str, path: str = SANDBOX_PATH) -> Sandb
     script = (
         f"mount --bind {state_dir} {root}{state_dir} && mount -t proc proc {root}/proc"
         f" && mount --rbind /dev {root}/dev && echo {SANDBOX_HOST} > /proc/sys/kernel/hostname"
-        f" && exec env -i PATH={path} SANDBOX_VAR=from-the-sandbox HOME=/root"
+        f" && exec env -i PATH={path} SANDBOX_VAR=from-the-sandbox HOME=/root {env}"
         f" /usr/sbin/chroot {root} /bin/bash -c 'cd /work && exec -a {name} /bin/sleep 100000'"
     )
     proc = subprocess.Popen(
@@ -256,6 +257,88 @@ def test_sidecar_a_shell_that_cannot_start_says_why(root: Path, state_dir: str) 
             assert client.list_sessions() == []
     finally:
         sandbox.stop()
+
+
+CAPABILITIES = "grep -E '^(NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb)' /proc/self/status"
+NO_CAPABILITIES = [f"{name}:\t0000000000000000" for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")]
+
+
+@pytest.mark.parametrize("user", ["sandbox", "root"])
+def test_sidecar_shells_hold_no_capability_even_as_root(sandbox: Sandbox, state_dir: str, user: str) -> None:
+    # The daemon holds SYS_ADMIN and the rest; a shell in the sandbox, root or not, holds none
+    # and can gain none (no_new_privs), whatever the sandbox's files say.
+    with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client, client.create_session(user=user) as s:
+        lines = s.run(CAPABILITIES).stdout.splitlines()
+    assert lines == [*NO_CAPABILITIES, "NoNewPrivs:\t1"], lines
+
+
+def test_sidecar_the_targets_environment_never_reaches_the_root_spawner(root: Path, state_dir: str) -> None:
+    # The sandbox chooses its environment. ld.so obeys LD_DEBUG in any process it starts: a log
+    # file written on this machine's side would be the root spawner's, one in the sandbox is bash's.
+    mark = f"execd-lddebug-{secrets.token_hex(4)}"
+    sandbox = start_sandbox(root, state_dir, env=f"LD_DEBUG=libs LD_DEBUG_OUTPUT=/tmp/{mark}")
+    before = set(Path("/tmp").glob(f"{mark}.*"))  # the sandbox's own start (env, chroot) ran here
+    try:
+        with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client, client.create_session() as s:
+            assert s.run("echo $LD_DEBUG").stdout == "libs\n"  # the shells have it
+        assert list((root / "tmp").glob(f"{mark}.*")), "bash in the sandbox should have logged"
+        assert set(Path("/tmp").glob(f"{mark}.*")) == before, "the spawner ran with the sandbox's environment"
+    finally:
+        sandbox.stop()
+        for log in Path("/tmp").glob(f"{mark}.*"):
+            log.unlink()
+
+
+def test_sidecar_session_code_cannot_pose_as_the_target(sandbox: Sandbox, state_dir: str) -> None:
+    with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client, client.create_session() as session:
+        # A process with the sandbox's command line and no tag, left behind, then the real one gone.
+        session.run(f"(env -i bash -c 'exec -a {sandbox.name} /bin/sleep 100000' &); true")
+        sandbox.stop()
+        with pytest.raises(SessionStartFailed, match="no process matches"):
+            client.create_session()
+        assert client.healthz()["target"]["pid"] is None
+
+
+def test_the_spawner_refuses_a_pid_that_is_no_longer_the_target() -> None:
+    # The pid is checked against its start time once its namespaces are open: a pid reused between
+    # the lookup and the spawn is refused, not entered.
+    sleeper = subprocess.Popen(["sleep", "100"])
+    try:
+        start = process.start_ticks(sleeper.pid)
+        assert start is not None
+        spawner = process.helper_command("enter")
+        done = subprocess.run(
+            [*spawner, "--target", f"{sleeper.pid}:{start + 1}", "--", "true"], capture_output=True, text=True
+        )
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert done.returncode == 126
+    assert done.stderr.strip() == f"execd: the shell could not start: the target process {sleeper.pid} has ended"
+
+
+def test_a_number_names_a_uid_never_a_user_of_that_name(tmp_path: Path) -> None:
+    # A sandbox's /etc/passwd may hold a user *named* 1000 with uid 0: `--run-as 1000` is uid 1000.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("1000:x:0:0::/root:/bin/sh\nsandbox:x:1001:1001::/home/s:/bin/sh\n")
+    (tmp_path / "etc/group").write_text("0:x:1500:\nsandbox:x:1001:\n")
+    accounts = identity.Accounts(str(tmp_path))
+    assert accounts.user("1000") is None  # no uid 1000: the number is then taken as it is
+    assert accounts.user("1001") == (1001, 1001, "sandbox", "/home/s")
+    assert accounts.group_id("0") == 0
+
+
+def test_the_targets_accounts_are_read_inside_its_root(tmp_path: Path) -> None:
+    # An absolute link in the sandbox (/etc/passwd -> /srv/passwd) is followed inside its root, not
+    # to this machine's /srv or /etc.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv/passwd").write_text("inside:x:4242:4242::/home/inside:/bin/sh\n")
+    (tmp_path / "etc/passwd").symlink_to("/srv/passwd")
+    accounts = identity.Accounts(str(tmp_path))
+    assert accounts.user("inside") == (4242, 4242, "inside", "/home/inside")
+    assert accounts.user("root") is None  # this machine's root is not the sandbox's
+    assert identity.real_path("/etc/passwd", str(tmp_path)) == "/srv/passwd"
 
 
 @pytest.mark.parametrize("selector", ["nothing", "pid:0", "pid:x", "cmdline:(", "where:1"])

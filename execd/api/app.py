@@ -23,7 +23,7 @@ from execd.logging import get_logger
 from execd.metrics import CLIENT_GONE_STATUS, Metrics
 from execd.registry import Registry, RegistryConfig
 from execd.run import RunLimits
-from execd.target import Selector, TargetNotFound
+from execd.target import Selector
 
 log = get_logger("execd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -106,21 +106,16 @@ async def healthz(request: web.Request) -> web.Response:
             "sessions": request.app[REGISTRY].live_count(),
             "uptime_s": round(time.monotonic() - request.app[STARTED_AT], 3),
             "watchdog": request.app[REGISTRY].watchdog_state,
-            **_target_health(request.app[REGISTRY]),
+            **_target(request.app[REGISTRY]),
         }
     )
 
 
-def _target_health(registry: Registry) -> dict[str, Any]:
-    """Sidecar mode: the sandbox's process, or null while none is found (sessions then fail
+def _target(registry: Registry) -> dict[str, Any]:
+    """Sidecar mode: which process the selector finds (pid null while none: sessions then fail
     with 503 SESSION_START_FAILED; the daemon itself is healthy, so the status stays ok)."""
-    if registry.config.target is None:
-        return {}
-    try:
-        pid: int | None = registry.config.target.find().pid
-    except TargetNotFound:
-        pid = None
-    return {"target": {"selector": str(registry.config.target), "pid": pid}}
+    health = registry.target_health()
+    return {} if health is None else {"target": health}
 
 
 async def ping(request: web.Request) -> web.Response:
