@@ -143,6 +143,9 @@ def main(args: Sequence[str]) -> None:
         defaulted = not env.get("__EXECD_CWD")
         if plan.target is not None:
             enter_target(*plan.target, env)
+            wrapper = env.get("BASH_ENV", "")
+            if wrapper and not os.path.exists(wrapper):  # bash would start without it, and hang
+                raise EnterFailed(f"{wrapper} is not in the target's root: mount --state-dir at the same path there")
         if plan.user is not None:
             become(*plan.user, plan.no_new_privs)
             if defaulted and plan.target is not None:

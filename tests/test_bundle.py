@@ -13,18 +13,20 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import pytest
+import yaml
 
 import execd
 from execd import frozen
@@ -231,24 +233,36 @@ class Chrooted:
 
 
 INIT = """
-root=$1 port=$2; shift 2
+root=$1 userspec=$2 workdir=$3; shift 3
 mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" || exit 125
-chroot "$root" /opt/execd/execd serve --host 127.0.0.1 --port "$port" "$@"
+if [ -d "$root/execd" ]; then mount --bind "$root/opt/execd" "$root/execd" || exit 125; fi
+chroot --userspec="$userspec" "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$workdir" "$@"
 echo "daemon exited $?"
 while sleep 3600; do :; done
 """
 
 
 @contextlib.contextmanager
-def chrooted(root: Path, *args: str) -> Iterator[Chrooted]:
+def chrooted(
+    root: Path,
+    *args: str,
+    command: Sequence[str] = (),
+    user: str = "0:0",
+    workdir: str = "/",
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Chrooted]:
+    """The bundle's `execd serve ARGS` on a free port; or `command` as it is (a manifest's), as
+    `user`, in `workdir`, with the port in EXECD_PORT."""
     port = free_port()
     fd, name = tempfile.mkstemp(prefix="execd-bundle-", suffix=".log")
     os.close(fd)
     log = Path(name)
     # What a container runtime would give: no LD_LIBRARY_PATH, no PYTHON*, nothing of this test's.
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"}
+    base = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root", "EXECD_PORT": str(port)}
+    program = list(command) or [f"{INSTALL}/execd", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     namespaces = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--"]
-    command = [*namespaces, "sh", "-c", INIT, "init", str(root), str(port), *args]
+    command = [*namespaces, "sh", "-c", INIT, "init", str(root), user, workdir, *program]
+    env = {**base, **(env or {})}
     with log.open("wb") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(
@@ -274,7 +288,7 @@ def chrooted(root: Path, *args: str) -> Iterator[Chrooted]:
 def _daemon_of(unshare_pid: int) -> psutil.Process | None:
     with contextlib.suppress(psutil.Error):
         for proc in psutil.Process(unshare_pid).children(recursive=True):
-            if proc.cmdline()[:2] == [f"{INSTALL}/execd", "serve"]:
+            if proc.cmdline()[0].endswith("/execd") and proc.cmdline()[1:2] == ["serve"]:
                 return proc
     return None
 
@@ -375,3 +389,50 @@ def test_the_bundles_watchdog_kills_the_sessions_of_a_killed_daemon(root: Path) 
     finally:
         leftovers = kill_tagged(ids)
     assert not leftovers, f"processes of the killed daemon's sessions outlived the watchdog: {leftovers}"
+
+
+def manifest_container(file: str, name: str) -> dict[str, Any]:
+    documents = yaml.safe_load_all((REPO / "deploy" / "kubernetes" / file).read_text())
+    pod = next(d for d in documents if d and d.get("kind") == "Pod")
+    container: dict[str, Any] = next(c for c in pod["spec"]["containers"] if c["name"] == name)
+    context = {**pod["spec"].get("securityContext", {}), **container.get("securityContext", {})}
+    return {**container, "securityContext": context}
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 180)
+def test_the_injection_manifests_command_runs_as_written(root: Path) -> None:
+    # The sandbox container of deploy/kubernetes/injection.yaml, as a runtime would start it: its
+    # command line verbatim (the bundle at the emptyDir's /execd, the original command after --), its
+    # user, working directory and environment, the token where the Secret is mounted. Only the port
+    # differs (EXECD_PORT): the test cannot take 44772.
+    sandbox = manifest_container("injection.yaml", "sandbox")
+    user = f"{sandbox['securityContext']['runAsUser']}:{sandbox['securityContext']['runAsGroup']}"
+    token_path = sandbox["command"][sandbox["command"].index("--access-token-file") + 1]
+    token = secrets.token_hex(16)
+    for directory in ("execd", token_path.rsplit("/", 1)[0].lstrip("/"), sandbox["workingDir"].lstrip("/")):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    (root / token_path.lstrip("/")).write_text(token)
+    os.chown(root / token_path.lstrip("/"), 1000, 1000)
+    os.chown(root / sandbox["workingDir"].lstrip("/"), 1000, 1000)
+    env = {e["name"]: e["value"] for e in sandbox.get("env", [])}
+    ids: set[str] = set()
+    try:
+        with chrooted(root, command=sandbox["command"], user=user, workdir=sandbox["workingDir"], env=env) as daemon:
+            probe = sandbox["readinessProbe"]["httpGet"]["path"]
+            assert probe == "/healthz" and healthy(daemon.port)
+            original = poll(
+                lambda: next((c for c in daemon.daemon.children() if c.cmdline() == ["sleep", "infinity"]), None),
+                what="the image's own command, the daemon's child",
+            )
+            with Client(daemon.url, token=token) as client, client.create_session() as session:
+                ids.add(session.id)
+                ran = session.run("id -u; pwd; cat /etc/os-release | grep -c execd-test-rootfs")
+                assert ran.stdout == f"1000\n{sandbox['workingDir']}\n1\n", ran
+            daemon.daemon.send_signal(signal.SIGTERM)  # what the kubelet sends at a pod's end
+            assert daemon.exit_status() == 128 + signal.SIGTERM  # the original command's, passed on
+            assert not is_live(original.pid)
+    finally:
+        leftovers = kill_tagged(ids)
+        for directory in ("execd", "run", sandbox["workingDir"].lstrip("/")):
+            shutil.rmtree(root / directory, ignore_errors=True)
+    assert not leftovers

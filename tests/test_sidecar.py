@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from execd import identity, process
 from execd.client import Client, InvalidRequest, SessionStartFailed
@@ -76,13 +79,13 @@ def state_dir() -> Iterator[str]:
         yield path
 
 
-def start_sandbox(root: Path, state_dir: str, path: str = SANDBOX_PATH, env: str = "") -> Sandbox:
+def start_sandbox(root: Path, state_dir: str, path: str = SANDBOX_PATH, env: str = "", share: bool = True) -> Sandbox:
     """Mount, UTS and IPC namespaces of its own; the state dir at the same path inside; its own
     hostname and an environment of its own; cwd /work; then exec'd into its root."""
     name = f"sandbox-main-{secrets.token_hex(4)}"
     (root / state_dir.lstrip("/")).mkdir(parents=True, exist_ok=True)
     script = (
-        f"mount --bind {state_dir} {root}{state_dir} && mount -t proc proc {root}/proc"
+        f"{'mount --bind' if share else 'true'} {state_dir} {root}{state_dir} && mount -t proc proc {root}/proc"
         f" && mount --rbind /dev {root}/dev && echo {SANDBOX_HOST} > /proc/sys/kernel/hostname"
         f" && exec env -i PATH={path} SANDBOX_VAR=from-the-sandbox HOME=/root {env}"
         f" /usr/sbin/chroot {root} /bin/bash -c 'cd /work && exec -a {name} /bin/sleep 100000'"
@@ -341,6 +344,16 @@ def test_the_targets_accounts_are_read_inside_its_root(tmp_path: Path) -> None:
     assert identity.real_path("/etc/passwd", str(tmp_path)) == "/srv/passwd"
 
 
+def test_sidecar_a_state_dir_the_target_does_not_share_is_named(root: Path, state_dir: str) -> None:
+    sandbox = start_sandbox(root, state_dir, share=False)  # the pod's emptyDir not mounted there
+    try:
+        missing = pytest.raises(SessionStartFailed, match="is not in the target's root: mount --state-dir")
+        with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client, missing:
+            client.create_session()
+    finally:
+        sandbox.stop()
+
+
 @pytest.mark.parametrize("selector", ["nothing", "pid:0", "pid:x", "cmdline:(", "where:1"])
 def test_target_selector_that_means_nothing_stops_the_daemon(selector: str) -> None:
     done = subprocess.run(
@@ -358,3 +371,86 @@ def _tagged(ids: set[str]) -> list[int]:
     from tests.conftest import tagged_processes
 
     return [p.pid for p in tagged_processes(ids)]
+
+
+POD = """
+set -e
+state=$1 root=$2 token=$3; shift 3
+# The pod: its own pid namespace (shareProcessNamespace) and mounts; /run a fresh tmpfs. The state
+# emptyDir is mounted where the execd container mounts it, the Secret where execd reads the token.
+mount -t tmpfs tmpfs /run
+mkdir -p "$EXECD_STATE_AT" "$(dirname "$TOKEN_AT")" "$root$SANDBOX_STATE_AT"
+mount --bind "$state" "$EXECD_STATE_AT"
+printf %s "$token" > "$TOKEN_AT" && chmod 0400 "$TOKEN_AT"
+# The sandbox container: mount, UTS and IPC namespaces of its own, the emptyDir where the manifest
+# mounts it there, its image's root, its user, its working directory, its command.
+unshare --mount --uts --ipc --propagation private -- sh -c '
+  mount --bind "$4" "$0$5" && mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" &&
+  exec chroot --userspec="$1" "$0" /bin/sh -c "cd \\"\\$0\\" && exec $3" "$2"
+' "$root" "$SANDBOX_USER" "$SANDBOX_WORKDIR" "$SANDBOX_COMMAND" "$state" "$SANDBOX_STATE_AT" &
+# The execd container: the manifest's arguments, verbatim. This shell stays the pod's init (its
+# "pause"): the two containers are siblings, as in a pod.
+"$@" &
+wait
+"""
+
+
+def test_the_sidecar_manifest_works_as_written(root: Path, state_dir: str) -> None:
+    # deploy/kubernetes/sidecar.yaml in a simulated pod: one pid namespace for both "containers",
+    # the sandbox container's command, user and working directory, and execd's arguments verbatim
+    # (--target, --state-dir, --run-as, --access-token-file). Only the port comes from EXECD_PORT.
+    documents = yaml.safe_load_all((REPO / "deploy/kubernetes/sidecar.yaml").read_text())
+    spec = next(d for d in documents if d and d.get("kind") == "Pod")["spec"]
+    assert spec["shareProcessNamespace"] is True
+    containers = {c["name"]: c for c in spec["containers"]}
+    sandbox, execd = containers["sandbox"], containers["execd"]
+    security = sandbox["securityContext"]
+    (root / sandbox["workingDir"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+    os.chown(root / sandbox["workingDir"].lstrip("/"), security["runAsUser"], security["runAsGroup"])
+    token, port = secrets.token_hex(16), free_port()
+    state_volume = next(m["name"] for m in execd["volumeMounts"] if m["mountPath"] == _arg(execd, "--state-dir"))
+    sandbox_state_at = next(m["mountPath"] for m in sandbox["volumeMounts"] if m["name"] == state_volume)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXECD_")}
+    env.update(
+        EXECD_PORT=str(port),
+        EXECD_HOST="127.0.0.1",
+        SANDBOX_USER=f"{security['runAsUser']}:{security['runAsGroup']}",
+        SANDBOX_WORKDIR=sandbox["workingDir"],
+        SANDBOX_COMMAND=" ".join(sandbox["command"]),
+        EXECD_STATE_AT=_arg(execd, "--state-dir"),
+        SANDBOX_STATE_AT=sandbox_state_at,
+        TOKEN_AT=_arg(execd, "--access-token-file"),
+        **{e["name"]: e["value"] for e in execd.get("env", [])},
+    )
+    daemon = [sys.executable, "-m", "execd", "serve", *execd["args"]]
+    pod = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--", "sh", "-c", POD, "pod", state_dir,
+         str(root), token, *daemon],
+        cwd=REPO, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while not healthy(port):
+            assert pod.poll() is None and time.monotonic() < deadline, "the pod's execd did not come up"
+            time.sleep(0.05)
+        with Client(f"http://127.0.0.1:{port}", token=token) as client:
+            while (target := client.healthz()["target"])["pid"] is None:  # the sandbox is starting
+                assert time.monotonic() < deadline, target
+                time.sleep(0.05)
+            assert target["selector"] == _arg(execd, "--target")
+            with client.create_session() as session:
+                ran = session.run("id -u; pwd; . /etc/os-release; echo $ID; ls /run/execd | wc -l")
+                assert ran.stdout.splitlines()[:3] == [str(security["runAsUser"]), sandbox["workingDir"], rootfs.MARKER]
+                session.run("sleep 1000 & (setsid sleep 1000 &); true")
+                ids = {session.id}
+        assert_no_processes(ids)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pod.pid, signal.SIGKILL)  # unshare, then (--kill-child) the pod's init and all
+        pod.wait(timeout=30)
+        shutil.rmtree(root / sandbox["workingDir"].lstrip("/"), ignore_errors=True)
+
+
+def _arg(container: dict[str, Any], flag: str) -> str:
+    args: list[str] = container["args"]
+    return args[args.index(flag) + 1]
