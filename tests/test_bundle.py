@@ -436,3 +436,40 @@ def test_the_injection_manifests_command_runs_as_written(root: Path) -> None:
         for directory in ("execd", "run", sandbox["workingDir"].lstrip("/")):
             shutil.rmtree(root / directory, ignore_errors=True)
     assert not leftovers
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 180)
+def test_the_bundle_in_sidecar_mode(bundle: Bundle) -> None:
+    # As the image runs it beside a sandbox: the bundle's own spawner (`_enter`, re-executed by the
+    # bootloader) gets the shell's environment on fd 3, enters the sandbox and drops every capability.
+    require_root("sidecar mode (setns, chroot, mounts in a private namespace)")
+    from tests.test_sidecar import CAPABILITIES, NO_CAPABILITIES, start_sandbox
+
+    with tempfile.TemporaryDirectory(prefix="execd-bundle-sidecar-") as top:
+        os.chmod(top, 0o755)  # the state dir's parents: the shells' user must reach it
+        (Path(top) / "root").mkdir()
+        sandbox_root, state = rootfs.build(Path(top) / "root"), Path(top) / "state"
+        state.mkdir()
+        state.chmod(0o755)
+        sandbox = start_sandbox(sandbox_root, str(state))
+        port = free_port()
+        env = {"PATH": os.environ.get("PATH", os.defpath)}
+        argv = [str(bundle.path / "execd"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        daemon = subprocess.Popen(
+            [*argv, "--target", sandbox.selector, "--state-dir", str(state), "--run-as", "sandbox"], env=env
+        )
+        try:
+            poll(lambda: healthy(port), what="the bundle's /healthz")
+            with Client(f"http://127.0.0.1:{port}") as client, client.create_session() as session:
+                ran = session.run('id -u; . /etc/os-release; echo $ID; echo "[$LD_LIBRARY_PATH]"')
+                assert ran.stdout == f"{rootfs.SANDBOX_UID}\n{rootfs.MARKER}\n[]\n", ran
+                assert session.run(CAPABILITIES).stdout.splitlines() == [*NO_CAPABILITIES, "NoNewPrivs:\t1"]
+                ids = {session.id}
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=30) == 0
+            assert not kill_tagged(ids)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            sandbox.stop()
