@@ -91,11 +91,13 @@ def enter_target(pid: int, start: int, env: dict[str, str]) -> None:
         env["__EXECD_CWD"] = here if here.startswith("/") else "/"
 
 
-def become(uid: int, gid: int, groups: list[int], no_new_privs: bool) -> None:
+def become(uid: int, gid: int, groups: list[int], drop_capabilities: bool, no_new_privs: bool) -> None:
     os.setgroups(groups)
     os.setresgid(gid, gid, gid)
+    if drop_capabilities:
+        process.drop_capabilities()  # the bounding set needs CAP_SETPCAP: before setuid
     if no_new_privs:
-        process.drop_privilege_escalation()  # the bounding set needs CAP_SETPCAP: before setuid
+        process.set_no_new_privs()
     os.setresuid(uid, uid, uid)
 
 
@@ -146,12 +148,17 @@ def main(args: Sequence[str]) -> None:
             wrapper = env.get("BASH_ENV", "")
             if wrapper and not os.path.exists(wrapper):  # bash would start without it, and hang
                 raise EnterFailed(f"{wrapper} is not in the target's root: mount --state-dir at the same path there")
+        # In the target's container the daemon's capabilities never reach a shell, root or not (the
+        # sandbox's files name its users); elsewhere as setpriv would, with no_new_privs.
+        drop = plan.no_new_privs or plan.target is not None
         if plan.user is not None:
-            become(*plan.user, plan.no_new_privs)
+            become(*plan.user, drop, plan.no_new_privs)
             if defaulted and plan.target is not None:
                 env["__EXECD_CWD"] = first_enterable(env["__EXECD_CWD"], env.get("HOME", "/"), "/")
-        elif plan.no_new_privs:
-            process.drop_privilege_escalation()
+        elif drop:
+            process.drop_capabilities()
+            if plan.no_new_privs:
+                process.set_no_new_privs()
         os.execve(find_program(plan.argv[0], env.get("PATH", os.defpath)), plan.argv, env)
     except (EnterFailed, OSError, ValueError) as exc:
         print(f"execd: the shell could not start: {exc}", file=sys.stderr)

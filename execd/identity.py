@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 SETPRIV = shutil.which("setpriv")
 MAX_SYMLINKS = 40  # as the kernel's path walk
+MAX_ACCOUNTS_BYTES = 1 << 20  # a target's /etc/passwd or /etc/group larger than this is refused
 _NO_ID = 2**32 - 1  # (uid_t)-1 means "no change" to the kernel
 
 
@@ -51,24 +52,12 @@ class Identity:
         searchable by it (mode bits; ACLs are not read). Symbolic links are followed first, as
         `cd` would."""
         real = real_path(path, root)
-        if real is None or not is_directory(real, root):
+        along = None if real is None else stats_along(real, root)
+        if along is None or not stat.S_ISDIR(along[-1].st_mode):
             return False
-        if self.is_root:
-            return True
-        current = "/"
-        for part in [""] + [p for p in real.split("/") if p]:
-            current = os.path.join(current, part)
-            if not self._may_search(under(root, current)):
-                return False
-        return True
+        return self.is_root or all(self._may_search(info) for info in along)
 
-    def _may_search(self, directory: str) -> bool:
-        try:
-            info = os.stat(directory, follow_symlinks=False)  # resolved already: a link now is not ours
-        except OSError:
-            return False
-        if not stat.S_ISDIR(info.st_mode):
-            return False
+    def _may_search(self, info: os.stat_result) -> bool:
         if info.st_uid == self.uid:
             return bool(info.st_mode & stat.S_IXUSR)
         if info.st_gid == self.gid or info.st_gid in self.groups:
@@ -134,12 +123,51 @@ def real_path(path: str, root: str = "/") -> str | None:
 
 
 def is_directory(path: str, root: str = "/") -> bool:
-    """Whether `path` (already resolved by real_path) is a directory under `root`: a link there now
-    (swapped in since) is not, so nothing is looked up outside the root."""
-    try:
-        return stat.S_ISDIR(os.stat(under(root, path), follow_symlinks=False).st_mode)
-    except OSError:
-        return False
+    """Whether `path` (already resolved by real_path) is a directory under `root`."""
+    along = stats_along(path, root)
+    return along is not None and stat.S_ISDIR(along[-1].st_mode)
+
+
+def stats_along(path: str, root: str = "/") -> list[os.stat_result] | None:
+    """The status of the root and of every component of `path` (already resolved by real_path),
+    each opened from its parent's fd without following links: one swapped in since the resolution
+    ends the walk (None), so nothing outside the root is ever looked at."""
+    with _Walk(path, root) as walk:
+        return walk.stats
+
+
+class _Walk:
+    """Open the components of a resolved path one by one, `O_NOFOLLOW`, from the root's fd."""
+
+    def __init__(self, path: str, root: str) -> None:
+        self.parts = [p for p in path.split("/") if p]
+        self.root = root
+        self.fds: list[int] = []
+        self.stats: list[os.stat_result] | None = None
+
+    def __enter__(self) -> _Walk:
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self.fds.append(os.open(under(self.root, "/"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            stats = [os.fstat(self.fds[-1])]
+            for part in self.parts:
+                self.fds.append(os.open(part, flags, dir_fd=self.fds[-1]))
+                stats.append(os.fstat(self.fds[-1]))
+                if stat.S_ISLNK(stats[-1].st_mode):
+                    return self
+            self.stats = stats
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+    @property
+    def parent_fd(self) -> int | None:
+        """The fd of the last component's directory, once every component was there."""
+        return self.fds[-2] if self.stats is not None and len(self.fds) >= 2 else None
 
 
 @functools.cache
@@ -240,16 +268,28 @@ class Accounts:
         return tuple(sorted(member | {gid}))
 
     def _entries(self, table: str) -> list[list[str]]:
-        """The lines of the root's /etc/TABLE, its links followed inside the root (never out of it)."""
+        """The lines of the root's /etc/TABLE: its links followed inside the root (never out of
+        it), a regular file of at most MAX_ACCOUNTS_BYTES (a FIFO or a device would hang or flood
+        the daemon)."""
         path = real_path(f"/etc/{table}", self.root)
         if path is None:
             return []
-        try:
-            fd = os.open(under(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with open(fd, encoding="utf-8", errors="replace") as f:
-                return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
-        except OSError:
+        with _Walk(path, self.root) as walk:
+            if walk.parent_fd is None or walk.stats is None or not stat.S_ISREG(walk.stats[-1].st_mode):
+                return []
+            try:
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(os.path.basename(path), flags, dir_fd=walk.parent_fd)
+            except OSError:
+                return []
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return []
+            text = f.read(MAX_ACCOUNTS_BYTES + 1)
+        if len(text) > MAX_ACCOUNTS_BYTES:
             return []
+        lines = text.decode("utf-8", errors="replace").splitlines()
+        return [line.split(":") for line in lines if line.strip() and not line.startswith("#")]
 
 
 class Owner:

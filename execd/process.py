@@ -73,24 +73,45 @@ class _CapData(ctypes.Structure):
     _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32))
 
 
-def drop_privilege_escalation() -> None:
-    """What `setpriv --no-new-privs --bounding-set=-all --inh-caps=-all` does, plus the ambient set:
-    nothing this process execs can hold or gain a capability, root included."""
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            last = int(f.read())
-    except (OSError, ValueError):
-        last = 63
+def drop_capabilities() -> None:
+    """Empty the bounding, inheritable and ambient sets: nothing this process execs holds or gains a
+    capability, root included (setuid binaries may still switch uid). Every number up to 63 is
+    tried (EINVAL past what the kernel knows): a count read from /proc could be the sandbox's."""
     libc = _libc()
-    for cap in range(last + 1):
+    for cap in range(64):
         if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
-            _raise_errno()  # EINVAL: a number the kernel does not know; anything else is a failure
+            _raise_errno()
     _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))
     header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
     _check(libc.capget(ctypes.byref(header), data))
     data[0].inheritable = data[1].inheritable = 0
     _check(libc.capset(ctypes.byref(header), data))
-    _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+
+
+def set_no_new_privs() -> None:
+    """setuid bits and file capabilities mean nothing to what this process execs."""
+    _check(_libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` is on `pid`'s parent chain. Race-free for a subreaper's descendants: an
+    orphan re-parents to its nearest subreaper, so their chains only ever lead towards it."""
+    seen = 0
+    while pid > 1 and seen < 4096:
+        pid = _parent_of(pid)
+        if pid == ancestor:
+            return True
+        seen += 1
+    return False
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
 
 
 def _check(result: int) -> None:

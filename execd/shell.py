@@ -219,12 +219,12 @@ class Shell:
         argv = self._command()
         fds = [stdin_r, stdout_w, stderr_w]
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
-        if self.config.target is not None:
-            # The target's environment is the sandbox's to choose: only bash gets it (see enter.py).
-            fds.append(_environment_fd(env))
-            actions.append((os.POSIX_SPAWN_DUP2, fds[-1], ENV_FD))
-            env = {"PATH": os.environ.get("PATH", os.defpath)}
         try:
+            if self.config.target is not None:
+                # The target's environment is the sandbox's to choose: only bash gets it (enter.py).
+                fds.append(_environment_fd(env))
+                actions.append((os.POSIX_SPAWN_DUP2, fds[-1], ENV_FD))
+                env = {"PATH": os.environ.get("PATH", os.defpath)}
             self.pid = os.posix_spawn(
                 _BASH if argv[0] == "bash" else argv[0],
                 argv,
@@ -628,8 +628,12 @@ class Shell:
 def _environment_fd(env: Mapping[str, str]) -> int:
     """A memfd holding `env` as NUL-terminated NAME=VALUE records, for the spawner to read."""
     fd = os.memfd_create("execd-env", os.MFD_CLOEXEC)
-    _write_all(fd, b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()))
-    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        _write_all(fd, b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()))
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -70,32 +70,36 @@ class Selector:
     def __str__(self) -> str:
         return f"{self.kind}:{self.value}"
 
-    def find(self, ours: set[int]) -> Target:
-        """The process now; `ours` (the daemon's own tree: its helpers, its shells and all they
-        started, escapees included, since it is their subreaper) is never taken, so session code
-        cannot pose as the sandbox."""
+    def find(self) -> Target:
+        """The process now. The daemon's own tree (its helpers, its shells and all they started,
+        escapees included: it is their subreaper) is never taken, so session code cannot pose as
+        the sandbox."""
         if self.kind == "cmdline":
-            return self._by_cmdline(ours)
+            return self._by_cmdline()
         pid = int(self.value) if self.kind == "pid" else _pid_in(self.value)
         start = process.start_ticks(pid)
-        if start is None or pid in ours:
-            raise TargetNotFound(f"no process {pid} (--target {self})" if start is None else f"{pid} is execd's own")
+        if start is None:
+            raise TargetNotFound(f"no process {pid} (--target {self})")
+        if _ours(pid):
+            raise TargetNotFound(f"process {pid} is execd's own (--target {self})")
         return Target(pid, start)
 
-    def _by_cmdline(self, ours: set[int]) -> Target:
+    def _by_cmdline(self) -> Target:
         pattern = re.compile(self.value)
         found: list[tuple[int, int]] = []
         for pid in process.all_pids():
             line = process.command_line(pid)  # cheap first; the rest only for a match
-            if not line or not pattern.search(line) or pid in ours or process.tag_of(pid) is not None:
-                continue
-            start = process.start_ticks(pid)
+            start = process.start_ticks(pid) if line and pattern.search(line) else None
             if start is not None:
                 found.append((start, pid))
-        if not found:
-            raise TargetNotFound(f"no process matches --target {self}")
-        start, pid = min(found)
-        return Target(pid, start)
+        for start, pid in sorted(found):  # the oldest that is not ours
+            if not _ours(pid):
+                return Target(pid, start)
+        raise TargetNotFound(f"no process matches --target {self}")
+
+
+def _ours(pid: int) -> bool:
+    return pid == os.getpid() or process.tag_of(pid) is not None or process.descends_from(pid, os.getpid())
 
 
 class Finder:
@@ -112,8 +116,7 @@ class Finder:
         if known is not None and process.start_ticks(known.pid) == known.start:
             return known
         self._current = None
-        ours = {os.getpid(), *process.Tree().subtree(os.getpid())}
-        self._current = self.selector.find(ours)
+        self._current = self.selector.find()
         return self._current
 
 

@@ -266,13 +266,22 @@ CAPABILITIES = "grep -E '^(NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb)' /proc
 NO_CAPABILITIES = [f"{name}:\t0000000000000000" for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")]
 
 
+@pytest.mark.parametrize("escalation", [False, True], ids=["default", "allow-privilege-escalation"])
 @pytest.mark.parametrize("user", ["sandbox", "root"])
-def test_sidecar_shells_hold_no_capability_even_as_root(sandbox: Sandbox, state_dir: str, user: str) -> None:
-    # The daemon holds SYS_ADMIN and the rest; a shell in the sandbox, root or not, holds none
-    # and can gain none (no_new_privs), whatever the sandbox's files say.
-    with sidecar(sandbox, state_dir) as daemon, Client(daemon.url) as client, client.create_session(user=user) as s:
-        lines = s.run(CAPABILITIES).stdout.splitlines()
-    assert lines == [*NO_CAPABILITIES, "NoNewPrivs:\t1"], lines
+def test_sidecar_shells_hold_no_capability_even_as_root(
+    sandbox: Sandbox, state_dir: str, user: str, escalation: bool
+) -> None:
+    # The daemon holds SYS_ADMIN and the rest; a shell in the sandbox, root or not, holds none and
+    # can gain none, whatever the sandbox's files say. --allow-privilege-escalation lifts only
+    # no_new_privs (setuid binaries switch users), never the empty capability sets.
+    flags = ["--allow-privilege-escalation"] if escalation else []
+    with (
+        sidecar(sandbox, state_dir, *flags) as daemon,
+        Client(daemon.url) as client,
+        client.create_session(user=user) as session,
+    ):
+        lines = session.run(CAPABILITIES).stdout.splitlines()
+    assert lines == [*NO_CAPABILITIES, f"NoNewPrivs:\t{0 if escalation else 1}"], lines
 
 
 def test_sidecar_the_targets_environment_never_reaches_the_root_spawner(root: Path, state_dir: str) -> None:
@@ -329,6 +338,15 @@ def test_a_number_names_a_uid_never_a_user_of_that_name(tmp_path: Path) -> None:
     assert accounts.user("1000") is None  # no uid 1000: the number is then taken as it is
     assert accounts.user("1001") == (1001, 1001, "sandbox", "/home/s")
     assert accounts.group_id("0") == 0
+
+
+def test_a_target_whose_accounts_are_a_fifo_cannot_hang_the_daemon(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    os.mkfifo(tmp_path / "etc/passwd")  # nobody ever writes to it: a blocking open would never return
+    (tmp_path / "etc/group").symlink_to("/dev/zero")  # endless: never read
+    accounts = identity.Accounts(str(tmp_path))
+    assert accounts.user("sandbox") is None
+    assert accounts.groups_of("sandbox", 1000) == (1000,)
 
 
 def test_the_targets_accounts_are_read_inside_its_root(tmp_path: Path) -> None:
