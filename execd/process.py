@@ -106,12 +106,8 @@ def descends_from(pid: int, ancestor: int) -> bool:
 
 
 def _parent_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else 0
 
 
 def _check(result: int) -> None:
@@ -229,14 +225,19 @@ def _pid_max() -> int:
 
 def start_ticks(pid: int) -> int | None:
     """Start time of `pid` in ticks since boot, exact (psutil's create_time can be ~1 s off)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from its third field (the state) on; None once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name may hold spaces and parentheses: fields start after the last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[19])
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 def ppid_map() -> dict[int, int]:
