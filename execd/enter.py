@@ -7,9 +7,10 @@ A fresh, single-threaded process (setns(2) into a mount namespace is refused to 
     _enter [--env-fd N] [--target PID:START_TICKS] [--user UID:GID:G1,G2] [--no-new-privs] -- PROGRAM ARGS...
 
 In order: join the target's IPC, UTS and mount namespaces, take its root (and, when the shell's
-`__EXECD_CWD` is empty, its cwd: the path as the target sees it); set groups, gid, uid; drop the
-bounding set and set `no_new_privs`; exec PROGRAM, looked up on the PATH of the environment it was
-given (the target's, in sidecar mode). Any failure is one line on stderr and exit status 126.
+`__EXECD_CWD` is empty, its cwd: the path as the target sees it); set groups and gid; empty the
+capability sets (always in a target's container) and set `no_new_privs` (unless escalation is
+allowed); set uid; exec PROGRAM, looked up on the PATH of the environment it was given (the
+target's, in sidecar mode). Any failure is one line on stderr and exit status 126.
 
 In sidecar mode that environment (the target's, which the sandbox controls) must not be this
 process's own: it runs as root with the daemon's capabilities, and `LD_PRELOAD` and its like would
@@ -47,7 +48,7 @@ class Plan:
 def parse(args: Sequence[str]) -> Plan:
     args = list(args)
     if "--" not in args:
-        raise EnterFailed("usage: _enter [--target PID:START] [--user UID:GID:GROUPS] [--no-new-privs] -- PROGRAM")
+        raise EnterFailed("usage: _enter [--env-fd N] [--target PID:START] [--user U:G:GS] [--no-new-privs] -- ARGV")
     split = args.index("--")
     options, argv = args[:split], args[split + 1 :]
     if not argv:
